@@ -1,0 +1,570 @@
+"""
+Tests for vad.py. Run with:
+
+    python -m pytest -q test_vad.py
+
+Everything runs on the CPU with random-init backbones (--weights none) and tiny
+synthetic images written to pytest's tmp_path, so the suite needs no network, no
+dataset and no GPU, and finishes in well under two minutes on two cores. The math is
+checked against independent references (scipy, naive loops, hand-computed cases).
+"""
+
+import json
+import pickle
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import scipy.spatial.distance
+import torch
+import torchvision
+from click.testing import CliRunner
+from PIL import Image
+
+import vad
+
+SIZE = 64  # image size for the detector tests: small enough to be fast on 2 cores
+FAST = {"padim": ["d=40"], "patchcore": []}  # detector settings for tiny images
+
+# -----------------------------------------------------------------------------
+# Utilities: tiny synthetic data
+
+
+def texture(rng, size):
+    """A striped grey texture with noise, different in every image."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = 120 + 30 * np.sin(2 * np.pi * (xx + yy) / 8 + rng.uniform(0, 2 * np.pi)) + rng.normal(0, 8, (size, size))
+    return np.repeat(base[..., None], 3, 2)
+
+
+def save_png(array, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).save(path)
+
+
+def make_dataset(root, size=SIZE, n_train=20, n_good=6, n_bad=6, seed=0):
+    """MVTec layout: textures; the defective ones carry a pasted red square, with masks."""
+    rng = np.random.default_rng(seed)
+    for i in range(n_train):
+        save_png(texture(rng, size), root / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        save_png(texture(rng, size), root / "test" / "good" / f"{i:03d}.png")
+    for i in range(n_bad):
+        image, mask = texture(rng, size), np.zeros((size, size))
+        k = size // 6
+        y, x = rng.integers(k, size - 2 * k, 2)
+        image[y:y + k, x:x + k] = [220, 60, 40]
+        mask[y:y + k, x:x + k] = 255
+        save_png(image, root / "test" / "defect" / f"{i:03d}.png")
+        save_png(mask, root / "ground_truth" / "defect" / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "tiles")
+
+
+def fit_tiny(model, data, seed=0, **kwargs):
+    return vad.fit(data, model, backbone="resnet18", weights="none", image_size=SIZE, device="cpu",
+                   seed=seed, settings=FAST[model], **kwargs)
+
+
+@pytest.fixture(scope="session")
+def fitted(dataset):
+    return {name: fit_tiny(name, dataset) for name in vad.DETECTORS}
+
+
+def test_make_synthetic_is_deterministic_mvtec_layout(tmp_path):
+    a = vad.make_synthetic(tmp_path / "a", "part", size=48, n_train=3, n_good=2, n_defect=1)
+    b = vad.make_synthetic(tmp_path / "b", "part", size=48, n_train=3, n_good=2, n_defect=1)
+    ds = vad.read_dataset(a)
+    assert len(ds.train) == 3 and len(ds.test) == 5 and sum(ds.labels) == 3
+    assert all(m is not None and m.exists() for m, y in zip(ds.masks, ds.labels) if y)
+    for p in ds.test + ds.train:
+        assert (np.asarray(Image.open(p)) == np.asarray(Image.open(b / p.relative_to(a)))).all()
+    for m in filter(None, ds.masks):
+        assert vad.read_mask(m, 48).any()  # every defect is visible in its mask
+
+# -----------------------------------------------------------------------------
+# Image data
+
+
+def test_read_image_modes(tmp_path):
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((10, 10), 128, np.uint8)).save(grey)
+    x = vad.read_image(grey, 8)
+    assert x.shape == (3, 8, 8) and torch.allclose(x, torch.full_like(x, 128 / 255))
+
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([np.full((6, 6), v, np.uint8) for v in (255, 0, 0, 7)])).save(rgba)
+    assert torch.allclose(vad.read_image(rgba, 4)[:, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
+
+    palette = tmp_path / "palette.png"
+    Image.fromarray(np.full((6, 6), 255, np.uint8)).convert("RGB").convert("P").save(palette)
+    assert torch.allclose(vad.read_image(palette, 4), torch.ones(3, 4, 4))
+
+    deep = tmp_path / "deep.png"  # 16-bit: scaled from its full range, not clipped at 255
+    Image.fromarray(np.full((6, 6), 30000, np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    assert torch.allclose(vad.read_image(deep, 4), torch.full((3, 4, 4), 30000 / 65535), atol=1e-6)
+
+
+def test_read_image_applies_exif_orientation(tmp_path):
+    image = np.zeros((8, 16), np.uint8)
+    image[:, 8:] = 255  # left half black, right half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(image).save(path, exif=exif, quality=95)
+    x = vad.read_image(path, 16)[0]
+    assert x[:4].mean() < 0.2 and x[-4:].mean() > 0.8  # black now on top
+
+
+def test_read_mask_any_nonzero_is_defect(tmp_path):
+    path = tmp_path / "m.png"
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:4, 2:4] = 1  # a mask stored as 0/1, not 0/255
+    Image.fromarray(mask).save(path)
+    m = vad.read_mask(path, 16)
+    assert m.dtype == torch.bool and m.sum() == 16 and m[4:8, 4:8].all()
+
+
+def test_read_dataset_layouts(tmp_path, dataset):
+    ds = vad.read_dataset(dataset)
+    assert len(ds.train) == 20 and ds.labels.count(0) == 6 and ds.labels.count(1) == 6
+    assert all((m is None) == (y == 0) for m, y in zip(ds.masks, ds.labels))
+    plain = tmp_path / "plain"
+    save_png(np.zeros((4, 4, 3)), plain / "a" / "x.png")
+    save_png(np.zeros((4, 4, 3)), plain / "y.jpg")
+    (plain / "notes.txt").write_text("not an image")
+    assert [p.name for p in vad.read_dataset(plain).train] == ["x.png", "y.jpg"]
+    with pytest.raises(vad.VadError, match="no such folder"):
+        vad.read_dataset(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(vad.VadError, match="no images"):
+        vad.read_dataset(tmp_path / "empty")
+
+
+def test_split_holdout_is_seeded_and_disjoint():
+    fit_idx, held = vad.split_holdout(209, 0.1, seed=3)
+    assert len(held) == 21 and not set(fit_idx) & set(held) and len(fit_idx) + len(held) == 209
+    assert (fit_idx, held) == vad.split_holdout(209, 0.1, seed=3)
+    assert held != vad.split_holdout(209, 0.1, seed=4)[1]
+    assert len(vad.split_holdout(3, 0.1, 0)[1]) == 1  # at least one image calibrates
+
+# -----------------------------------------------------------------------------
+# Primitives against references
+
+
+def test_gaussian_blur_matches_scipy():
+    maps = torch.rand(2, 40, 37, dtype=torch.float64)
+    ours = vad.gaussian_blur(maps, 4.0).numpy()
+    for i in range(2):
+        ref = scipy.ndimage.gaussian_filter(maps[i].numpy(), 4.0, mode="mirror", truncate=4.0)
+        np.testing.assert_allclose(ours[i], ref, atol=1e-12)
+
+
+def test_mahalanobis_matches_scipy():
+    g = torch.Generator().manual_seed(0)
+    P, d, B = 5, 4, 3
+    A = torch.randn(P, d, d, generator=g, dtype=torch.float64)
+    cov = A @ A.transpose(1, 2) + 0.1 * torch.eye(d, dtype=torch.float64)
+    mean, x = torch.randn(P, d, generator=g, dtype=torch.float64), torch.randn(P, d, B, generator=g, dtype=torch.float64)
+    ours = vad.mahalanobis(x, mean, torch.linalg.cholesky(cov)).numpy()
+    for p in range(P):
+        VI = np.linalg.inv(cov[p].numpy())
+        for b in range(B):
+            ref = scipy.spatial.distance.mahalanobis(x[p, :, b].numpy(), mean[p].numpy(), VI)
+            assert ours[p, b] == pytest.approx(ref, rel=1e-10)
+
+
+def naive_greedy(x, n, start):
+    """Greedy k-center on the full O(N^2) distance matrix."""
+    D = scipy.spatial.distance.cdist(x, x, "sqeuclidean")
+    picks, nearest = [start], D[start].copy()
+    while len(picks) < n:
+        picks.append(int(np.argmax(nearest)))
+        nearest = np.minimum(nearest, D[picks[-1]])
+    return picks
+
+
+def test_greedy_coreset_matches_naive_greedy():
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    picks = vad.greedy_coreset(x, 40, projection_dim=0, seed=5).tolist()
+    assert picks == naive_greedy(x.numpy(), 40, start=picks[0])
+    assert len(set(picks)) == 40
+    assert picks == vad.greedy_coreset(x, 40, projection_dim=0, seed=5).tolist()
+
+
+def test_greedy_coreset_projection_is_seeded():
+    x = torch.randn(500, 64, generator=torch.Generator().manual_seed(2))
+    a = vad.greedy_coreset(x, 20, projection_dim=8, seed=0)
+    assert torch.equal(a, vad.greedy_coreset(x, 20, projection_dim=8, seed=0))
+    assert not torch.equal(a, vad.greedy_coreset(x, 20, projection_dim=8, seed=1))
+
+
+def test_nearest_neighbors_matches_cdist_in_small_chunks(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    q, bank = torch.randn(50, 7, generator=g, dtype=torch.float64), torch.randn(80, 7, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(vad, "CHUNK_BYTES", 4 * 80 * 3)  # three query rows per block
+    dist, idx = vad.nearest_neighbors(q, bank, k=4)
+    ref = scipy.spatial.distance.cdist(q.numpy(), bank.numpy())
+    np.testing.assert_array_equal(idx.numpy(), np.argsort(ref, 1)[:, :4])
+    np.testing.assert_allclose(dist.numpy(), np.sort(ref, 1)[:, :4], rtol=1e-9)
+
+
+def pairwise_auroc(scores, labels):
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+
+
+def test_auroc_matches_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        scores, labels = rng.integers(0, 6, 60).astype(float), rng.integers(0, 2, 60)
+        assert vad.auroc(scores, labels) == pytest.approx(pairwise_auroc(scores, labels), abs=1e-12)
+    assert vad.auroc([1, 2, 3], [1, 1, 0]) == 0.0 and vad.auroc([1, 1], [0, 1]) == 0.5
+    assert np.isnan(vad.auroc([1, 2], [1, 1]))
+
+
+def test_aupro_hand_computed():
+    # Two 1x4 images. Region R1 = image A pixels 0-1, region R2 = image B pixel 3; five
+    # normal pixels. Thresholds, high to low: 0.9 covers half of R1 (PRO 0.25), 0.8 all of
+    # R2 (PRO 0.75), 0.7 one normal pixel (FPR 0.2), 0.6 the rest of R1 together with a
+    # second normal pixel (FPR 0.4, PRO 1). Area to FPR 0.3: 0.2*0.75 + 0.1*(0.75+0.875)/2
+    # = 0.23125, normalized by 0.3. To FPR 1: 0.15 + 0.2*(0.75+1)/2 + 0.6 = 0.925.
+    maps = np.array([[[0.9, 0.6, 0.7, 0.1]], [[0.2, 0.3, 0.6, 0.8]]])
+    masks = np.array([[[1, 1, 0, 0]], [[0, 0, 0, 1]]], bool)
+    assert vad.aupro(maps, masks, 0.3) == pytest.approx(0.23125 / 0.3)
+    assert vad.aupro(maps, masks, 1.0) == pytest.approx(0.925)
+
+
+def test_aupro_regions_are_8_connected():
+    # One diagonal region of two pixels: detecting one of them is PRO 0.5, not 1 (as it
+    # would be with two 4-connected regions averaged).
+    masks = np.zeros((1, 3, 3), bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = True
+    maps = np.zeros((1, 3, 3))
+    maps[0, 0, 0] = 1.0
+    # curve: (0, 0) -> (0, 0.5) at t=1, then (1, 1) at t=0; area = 0.5 + 0.5*0.5 = 0.75
+    assert vad.aupro(maps, masks, 1.0) == pytest.approx(0.75)
+
+
+def test_classification_and_f1_max_against_brute_force():
+    rng = np.random.default_rng(1)
+    scores, labels = rng.integers(0, 8, 40).astype(float), rng.integers(0, 2, 40)
+    m = vad.classification(scores, labels, 3.5)
+    pred = scores > 3.5
+    tp, fp, fn = (pred & (labels == 1)).sum(), (pred & (labels == 0)).sum(), (~pred & (labels == 1)).sum()
+    assert m["precision"] == pytest.approx(tp / (tp + fp)) and m["recall"] == pytest.approx(tp / (tp + fn))
+    assert m["accuracy"] == pytest.approx((pred == labels).mean())
+    brute = max(2 * ((scores >= t) & (labels == 1)).sum() / ((scores >= t).sum() + labels.sum()) for t in np.unique(scores))
+    assert vad.f1_max(scores, labels) == pytest.approx(brute)
+
+
+def test_calibrate_rule():
+    assert vad.calibrate([1.0, 2.0, 4.0]) == pytest.approx(4.0 + 0.1 * (4.0 - 2.0))
+
+# -----------------------------------------------------------------------------
+# Detectors (every registered one)
+
+
+@pytest.mark.parametrize("name", list(vad.DETECTORS))
+def test_detector_separates_and_localizes_defects(name, fitted, dataset):
+    metrics = vad.evaluate(fitted[name], vad.read_dataset(dataset))
+    assert metrics["image_auroc"] >= 0.9
+    assert metrics["pixel_auroc"] >= 0.9
+    assert 0 <= metrics["aupro"] <= 1 and np.isfinite(metrics["threshold"])
+
+
+@pytest.mark.parametrize("name", list(vad.DETECTORS))
+def test_detector_scores_shapes_and_threshold_from_holdout(name, fitted, dataset):
+    det = fitted[name]
+    images = torch.stack([vad.read_image(p, SIZE) for p in vad.read_dataset(dataset).test[:3]])
+    scores, maps = det.score(images)
+    assert scores.shape == (3,) and maps.shape == (3, SIZE, SIZE)
+    assert det.info["held_out"] == 2 and det.info["images"] == 18
+    fit_idx, held = vad.split_holdout(20, 0.1, 0)
+    held_scores, _ = vad.score_batches(det, [torch.stack([vad.read_image(vad.read_dataset(dataset).train[i], SIZE) for i in held])])
+    assert float(det.threshold) == pytest.approx(vad.calibrate(held_scores), rel=1e-6)
+
+
+def test_padim_statistics_match_numpy(dataset):
+    """Streaming fp64 sums over several batches give numpy's per-position mean and covariance."""
+    paths = vad.read_dataset(dataset).train[:10]
+    det = vad.PaDiM(vad.PaDiMConfig(backbone="resnet18", d=12), image_size=32, weights="none")
+    det.fit(vad.load_images(paths, 32, batch_size=3))
+    x = det.embed(torch.stack([vad.read_image(p, 32) for p in paths])).double().numpy()  # (N, d, h, w)
+    N, d, h, w = x.shape
+    x = x.reshape(N, d, h * w)
+    L = det.cholesky.double()
+    for p in (0, 17, h * w - 1):
+        np.testing.assert_allclose(det.mean[p].numpy(), x[:, :, p].mean(0), rtol=1e-5, atol=1e-5)
+        ref = np.cov(x[:, :, p], rowvar=False) + 0.01 * np.eye(d)
+        np.testing.assert_allclose((L[p] @ L[p].T).numpy(), ref, rtol=1e-4, atol=1e-4)
+    assert det.channels.tolist() == sorted(set(det.channels.tolist())) and len(det.channels) == 12
+
+
+def test_patchcore_image_score_is_eq7(fitted, dataset):
+    """Image score = (1 - exp|m_test* - m*| / sum_{m in N_b(m*)} exp|m_test* - m|) * s*, naively."""
+    det = fitted["patchcore"]
+    images = torch.stack([vad.read_image(p, SIZE) for p in vad.read_dataset(dataset).test[-3:]])
+    scores, _ = det.score(images)
+    bank = det.memory_bank.double().numpy()
+    feats = det.embed(images).permute(0, 2, 3, 1).double().numpy()
+    for i in range(len(images)):
+        patches = feats[i].reshape(-1, bank.shape[1])
+        D = scipy.spatial.distance.cdist(patches, bank)
+        worst = D.min(1).argmax()
+        s_star, m_star = D[worst].min(), D[worst].argmin()
+        support = np.argsort(scipy.spatial.distance.cdist(bank[m_star][None], bank)[0])[:det.config.num_neighbors]
+        weight = 1 - np.exp(s_star) / np.exp(D[worst, support]).sum()
+        assert float(scores[i]) == pytest.approx(weight * s_star, rel=1e-4)
+
+
+def test_patchcore_coreset_ratio_sets_bank_size(dataset):
+    paths = vad.read_dataset(dataset).train[:4]
+    cfg = vad.PatchCoreConfig(backbone="resnet18", coreset_ratio=0.25)
+    det = vad.PatchCore(cfg, image_size=SIZE, weights="none")
+    det.fit(vad.load_images(paths, SIZE))
+    assert len(det.memory_bank) == 4 * 8 * 8 // 4  # 4 images of an 8x8 layer-2 grid, 25%
+
+
+@pytest.mark.parametrize("name", list(vad.DETECTORS))
+def test_fit_is_deterministic_for_a_seed(name, dataset):
+    a, b = fit_tiny(name, dataset, seed=7), fit_tiny(name, dataset, seed=7)
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    c = fit_tiny(name, dataset, seed=8)
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_settings_are_validated():
+    assert vad.make_config("patchcore", ["coreset_ratio=0.05", "layers=2,3", "embed_dim=64"]).embed_dim == 64
+    assert vad.make_config("padim", ["d=none"]).d is None
+    with pytest.raises(vad.VadError, match="coreset_ratio=, "):
+        vad.make_config("patchcore", ["bogus=1"])
+    with pytest.raises(vad.VadError, match="expected int"):
+        vad.make_config("patchcore", ["num_neighbors=many"])
+    with pytest.raises(vad.VadError, match=r"\(0, 1\]"):
+        vad.make_config("patchcore", ["coreset_ratio=0"])
+
+# -----------------------------------------------------------------------------
+# Backbones
+
+
+def test_backbone_taps_have_documented_strides_and_channels():
+    x = torch.rand(1, 3, 64, 64)
+    for name, channels in vad.BACKBONES.items():
+        feats = vad.FeatureExtractor(name, (1, 2, 3), weights="empty")(x)
+        assert [f.shape[1] for f in feats] == list(channels)
+        assert [f.shape[-1] for f in feats] == [16, 8, 4]  # strides 4, 8, 16
+
+
+def test_backbone_is_truncated_after_deepest_layer():
+    assert len(vad.FeatureExtractor("resnet18", (2,), weights="empty").stages) == 2
+    names = {n for n, _ in vad.FeatureExtractor("wide_resnet50_2", (2, 3), weights="empty").named_modules()}
+    assert not any("layer4" in n or "fc" in n for n in names)
+
+
+def test_weights_from_state_dict_path(tmp_path):
+    net = torchvision.models.resnet18()
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    fe = vad.FeatureExtractor("resnet18", (1, 2, 3), weights=str(tmp_path / "r18.pth"))
+    assert torch.equal(fe.stages[1][0].conv1.weight, net.layer2[0].conv1.weight)
+    with pytest.raises(vad.VadError, match="does not fit mobilenet_v2"):
+        vad.FeatureExtractor("mobilenet_v2", (1, 2, 3), weights=str(tmp_path / "r18.pth"))
+    with pytest.raises(vad.VadError, match="no such file"):
+        vad.FeatureExtractor("resnet18", (1,), weights=str(tmp_path / "missing.pth"))
+
+
+def test_imagenet_weights_offline_gives_clear_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(vad.VadError) as e:
+        vad.FeatureExtractor("resnet18", (1, 2, 3), weights="imagenet")
+    message = str(e.value)
+    assert "--weights PATH" in message and "--weights none" in message and str(torch.hub.get_dir()) in message
+    assert "\n" not in message
+
+# -----------------------------------------------------------------------------
+# Model files
+
+
+@pytest.mark.parametrize("name", list(vad.DETECTORS))
+def test_save_load_scores_identically(name, fitted, dataset, tmp_path):
+    det = fitted[name]
+    vad.save(det, tmp_path / "m.pt")
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)  # plain tensors and containers only
+    assert raw["format"] == "vad-model" and raw["detector"] == name and raw["image_size"] == SIZE
+    loaded = vad.load(tmp_path / "m.pt")
+    images = torch.stack([vad.read_image(p, SIZE) for p in vad.read_dataset(dataset).test])
+    s1, m1 = det.score(images)
+    s2, m2 = loaded.score(images)
+    assert torch.equal(s1, s2) and torch.equal(m1, m2)
+    assert float(loaded.threshold) == float(det.threshold) and loaded.config == det.config
+
+
+def test_refuses_files_that_are_not_vad_models(fitted, tmp_path):
+    torch.save({"weights": torch.ones(3)}, tmp_path / "other.pt")
+    with pytest.raises(vad.VadError, match="not a vad model"):
+        vad.load(tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(vad.VadError, match="not a vad model"):
+        vad.load(tmp_path / "text.pt")
+    vad.save(fitted["padim"], tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(vad.VadError, match="not a vad model"):
+        vad.load(tmp_path / "cut.pt")
+    with pytest.raises(vad.VadError, match="does not exist"):
+        vad.load(tmp_path / "missing.pt")
+
+
+def test_refuses_other_format_version_and_tampering(fitted, tmp_path):
+    vad.save(fitted["patchcore"], tmp_path / "m.pt")
+    checkpoint = torch.load(tmp_path / "m.pt", weights_only=True)
+    checkpoint["format_version"] = vad.FORMAT_VERSION + 1
+    torch.save(checkpoint, tmp_path / "future.pt")
+    with pytest.raises(vad.VadError, match="format version"):
+        vad.load(tmp_path / "future.pt")
+    checkpoint["format_version"] = vad.FORMAT_VERSION
+    checkpoint["state_dict"]["memory_bank"][0, 0] += 1.0
+    torch.save(checkpoint, tmp_path / "tampered.pt")
+    with pytest.raises(vad.VadError, match="checksum"):
+        vad.load(tmp_path / "tampered.pt")
+
+
+def test_malicious_pickle_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "code ran"))
+
+    torch.save({"format": "vad-model", "payload": Exploit()}, tmp_path / "evil.pt", pickle_module=pickle)
+    with pytest.raises(vad.VadError, match="not a vad model"):
+        vad.load(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_save_is_atomic(fitted, tmp_path, monkeypatch):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"previous model")
+
+    def crash(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        vad.save(fitted["padim"], out)
+    assert out.read_bytes() == b"previous model"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def cli(*args, input=None):
+    return CliRunner().invoke(vad.cli, [str(a) for a in args], input=input)
+
+
+TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", SIZE, "--device", "cpu", "-q"]
+
+
+def test_cli_fit_score_bench(dataset, tmp_path):
+    model = tmp_path / "tiles.pt"
+    r = cli("fit", "--model", "padim", "--data", dataset, "--out", model, *TINY, "-s", "d=40")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(model) and model.exists()
+    assert torch.load(model, weights_only=True)["info"]["held_out"] == 2
+
+    tests = vad.read_dataset(dataset).test
+    r = cli("score", model, *tests, "-q")
+    assert r.exit_code == 0, r.output
+    lines = [line.split("\t") for line in r.stdout.splitlines()]
+    assert [Path(p) for p, _, _ in lines] == tests  # one line per image, input order
+    assert {v for _, _, v in lines} <= {"ok", "anomalous"}
+    scores = np.array([float(s) for _, s, _ in lines])
+    assert vad.auroc(scores, vad.read_dataset(dataset).labels) >= 0.9
+
+    r = cli("bench", "--model", "padim", "--data", dataset, "--json", tmp_path / "b.json", *TINY, "-s", "d=40")
+    assert r.exit_code == 0, r.output
+    assert "| tiles | padim | resnet18 |" in r.stdout and "F1-max (oracle)" in r.stdout
+    result = json.loads((tmp_path / "b.json").read_text())[0]
+    assert result["image_auroc"] >= 0.9 and result["peak_mb"] > 0
+
+
+def test_cli_score_json_heatmaps_maps_stdin(fitted, dataset, tmp_path):
+    vad.save(fitted["patchcore"], tmp_path / "m.pt")
+    tests = vad.read_dataset(dataset).test
+    paths = [tests[-1], tests[0]]  # test/good/005.png and test/defect/000.png
+    r = cli("score", tmp_path / "m.pt", "-", "--json", "--heatmaps", tmp_path / "h", "--maps", tmp_path / "n", "-q",
+            input="\n".join(map(str, paths)) + "\n")
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["path"] for rec in records] == list(map(str, paths))
+    assert records[0]["heatmap"] == str(tmp_path / "h" / "good" / "005.png")  # named relative to test/
+    assert records[1]["map"] == str(tmp_path / "n" / "defect" / "000.npy")
+    for rec in records:
+        assert rec["verdict"] == ("anomalous" if rec["score"] > rec["threshold"] else "ok")
+        assert Image.open(rec["heatmap"]).size == (SIZE, SIZE)
+        m = np.load(rec["map"])
+        assert m.shape == (SIZE, SIZE) and m.dtype == np.float32
+    _, maps = fitted["patchcore"].score(vad.read_image(paths[1], SIZE)[None])
+    np.testing.assert_allclose(np.load(records[1]["map"]), maps[0].numpy(), rtol=1e-6)
+
+
+def test_cli_score_reports_unreadable_and_scores_the_rest(fitted, dataset, tmp_path):
+    vad.save(fitted["padim"], tmp_path / "m.pt")
+    folder = tmp_path / "batch"
+    good = vad.read_dataset(dataset).test[:3]
+    for p in good:
+        (folder / p.name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    r = cli("score", tmp_path / "m.pt", folder, "-q")
+    assert r.exit_code == 3
+    assert len(r.stdout.splitlines()) == 3 and "broken.png" not in r.stdout
+    assert "broken.png" in r.stderr
+
+
+def test_cli_usage_errors_are_one_line(dataset, tmp_path):
+    r = cli("fit", "--model", "patchcore", "--data", dataset, *TINY, "-s", "bogus=1")
+    assert r.exit_code == 2 and "coreset_ratio=" in r.stderr and "Traceback" not in r.output
+    r = cli("fit", "--model", "patchcore", "--data", tmp_path / "nowhere", *TINY)
+    assert r.exit_code == 2 and "nowhere" in r.stderr
+    r = cli("score", tmp_path / "missing.pt", dataset)
+    assert r.exit_code == 2 and "does not exist" in r.stderr
+
+
+def test_cli_failed_fit_writes_nothing(dataset, tmp_path):
+    data = tmp_path / "data"
+    for p in vad.read_dataset(dataset).train[:5]:
+        save_png(np.asarray(Image.open(p)), data / p.name)
+    (data / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"the old model")
+    r = cli("fit", "--model", "padim", "--data", data, "--out", out, *TINY, "-s", "d=40")
+    assert r.exit_code == 2 and "zz_corrupt.png" in r.stderr
+    assert out.read_bytes() == b"the old model" and sorted(p.name for p in tmp_path.iterdir()) == ["data", "m.pt"]
+
+# -----------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(vad.DETECTORS))
+def test_cpu_and_gpu_agree(name, fitted, dataset, tmp_path):
+    vad.save(fitted[name], tmp_path / "m.pt")
+    gpu = vad.load(tmp_path / "m.pt", device="cuda")
+    images = torch.stack([vad.read_image(p, SIZE) for p in vad.read_dataset(dataset).test])
+    s_cpu, m_cpu = fitted[name].score(images)
+    s_gpu, m_gpu = gpu.score(images.cuda())
+    torch.testing.assert_close(s_gpu.cpu(), s_cpu, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(m_gpu.cpu(), m_cpu, rtol=1e-3, atol=1e-3)

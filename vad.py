@@ -1,0 +1,1329 @@
+"""
+vad: find and localize defects in images of manufactured parts, after seeing only
+defect-free examples. One file, one fitted model per `.pt`, no network at scoring time.
+
+A detector is fitted on normal images of one part or surface. It then gives every new
+image a score (higher is more anomalous), a verdict against a threshold calibrated on
+held-out normal images, and an anomaly map at the model's input resolution that
+localizes the defect.
+
+Usage:
+    python vad.py fit --model padim --data mvtec/bottle            # -> bottle-padim.pt
+    python vad.py score bottle-padim.pt images/*.png               # path, score, verdict
+    find images -name '*.png' | python vad.py score bottle-padim.pt - --json
+    python vad.py bench --model padim --model patchcore --data mvtec/bottle
+
+Python API:
+    import vad
+    model = vad.fit("mvtec/bottle", "patchcore", backbone="resnet18")
+    vad.save(model, "bottle.pt")
+    model = vad.load("bottle.pt")
+    image_scores, anomaly_maps = model.score(images)  # images: (B, 3, H, W) in [0, 1]
+
+References:
+    PatchCore   Roth et al., "Towards Total Recall in Industrial Anomaly Detection",
+                CVPR 2022, arXiv:2106.08265
+    PaDiM       Defard et al., "PaDiM: a Patch Distribution Modeling Framework for
+                Anomaly Detection and Localization", ICPR 2021, arXiv:2011.08785
+    EfficientAD Batzner et al., "EfficientAD: Accurate Visual Anomaly Detection at
+                Millisecond-Level Latencies", WACV 2024, arXiv:2303.14535
+    MVTec AD    Bergmann et al., "MVTec AD - A Comprehensive Real-World Dataset for
+                Unsupervised Anomaly Detection", CVPR 2019 (data layout, AUPRO)
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+import scipy.ndimage
+import scipy.stats
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+__version__ = "0.1.0"
+FORMAT_NAME = "vad-model"
+FORMAT_VERSION = 1  # bump on any change to what a .pt holds; older files are refused
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision ImageNet backbone expects these
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 256  # both papers resize MVTec AD to 256 (PatchCore then crops 224; we do not)
+BLUR_SIGMA = 4.0  # PaDiM sec. 3 and PatchCore sec. 3.3 smooth the upsampled map with sigma = 4
+CHUNK_BYTES = 256 * 2**20  # working memory for one block of a distance matrix
+BATCH_SIZE = 16
+CACHE_DIR = Path(os.environ.get("VAD_CACHE", Path.home() / ".cache" / "vad"))
+
+# -----------------------------------------------------------------------------
+# Utilities
+
+
+class VadError(Exception):
+    """A problem with the user's input (data, model file, options): shown as one line."""
+
+
+VERBOSE = False  # progress bars and notes on stderr; the CLI turns them on, the API leaves them off
+
+
+def note(message):
+    if VERBOSE:
+        click.echo(message, err=True)
+
+
+def warn(message):
+    """Warnings reach stderr even with --quiet: they say something the user must know."""
+    click.echo(f"warning: {message}", err=True)
+
+
+def progress(iterable, total=None, desc=""):
+    """Yield from `iterable`, drawing a progress bar with time left on stderr.
+
+    On a terminal the bar redraws in place; elsewhere (logs, CI) one summary line is
+    written when the step ends, so captured stderr stays readable.
+    """
+    if not VERBOSE:
+        yield from iterable
+        return
+    total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+    live = sys.stderr.isatty()
+    start = last = time.perf_counter()
+    i = 0
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        if live and (now - last > 0.2 or i == total):
+            last = now
+            left = (now - start) / i * (total - i) if total else 0
+            bar = f"{i}/{total} [{now - start:.0f}s<{left:.0f}s]" if total else f"{i} [{now - start:.0f}s]"
+            sys.stderr.write(f"\r{desc}: {bar}  ")
+            sys.stderr.flush()
+    elapsed = time.perf_counter() - start
+    if live:
+        sys.stderr.write("\n")
+    elif elapsed > 2:
+        sys.stderr.write(f"{desc}: {i} in {elapsed:.1f}s\n")
+
+
+def pick_device(device="auto"):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise VadError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise VadError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+class PeakMemory:
+    """Context manager measuring the peak resident memory (bytes) of the block.
+
+    Linux lets a process reset its high-water mark (write 5 to /proc/self/clear_refs),
+    which makes the peak of one block exact. Elsewhere the process-wide peak is used.
+    """
+
+    def __enter__(self):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = None
+        if self.exact:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak = int(line.split()[1]) * 1024
+        if self.peak is None:
+            scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto `path`: readers see the old file or the
+    whole new one, never a partial one, whatever interrupts the write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder (rename is atomic only within a file system); created by write() itself
+    # so the file gets the usual permissions, not mkstemp's 0600.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+# -----------------------------------------------------------------------------
+# Image data
+
+
+def is_image(path):
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder):
+    """Every image file under `folder`, recursively, in sorted order."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image(p))
+
+
+def _open(path):
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise VadError(f"cannot read image {path}: {e}") from None
+    return ImageOps.exif_transpose(image)  # phones and some cameras store rotation in EXIF
+
+
+def read_image(path, size):
+    """Image file -> float tensor (3, size, size) in [0, 1].
+
+    Grey, palette, RGBA, CMYK and 16-bit images all become RGB. 16-bit and 32-bit
+    integer images are scaled from their full range, not clipped at 255.
+    """
+    image = _open(path)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        grey = np.asarray(image, dtype=np.float32)
+        peak = 1.0 if image.mode == "F" else (255.0 if grey.max() <= 255 else 65535.0)
+        grey = Image.fromarray(np.clip(grey / peak, 0, 1), mode="F").resize((size, size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(grey, dtype=np.float32).copy())[None].expand(3, -1, -1)
+        return x.contiguous()
+    if image.mode == "P" or image.mode == "LA":
+        image = image.convert("RGBA")
+    image = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+
+
+def read_mask(path, size):
+    """Mask file -> bool tensor (size, size); any nonzero pixel is defect."""
+    mask = np.asarray(_open(path)) != 0
+    if mask.ndim == 3:
+        mask = mask.any(2)
+    mask = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    return torch.from_numpy(np.asarray(mask) > 0)
+
+
+@dataclass
+class Dataset:
+    """A category: normal training images, and (MVTec AD layout) labelled test images."""
+    root: Path
+    train: list
+    test: list = field(default_factory=list)  # image paths
+    labels: list = field(default_factory=list)  # 0 good, 1 defective
+    masks: list = field(default_factory=list)  # mask path, or None where unknown
+
+    @property
+    def name(self):
+        return self.root.name
+
+
+def read_dataset(root):
+    """An MVTec AD category folder (train/good, test/<defect>, ground_truth/<defect>/
+    <stem>_mask.png), or any folder of images, all of which are then training images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise VadError(f"--data {root}: no such folder; give an MVTec AD category folder or a folder of images")
+    if not (root / "train" / "good").is_dir():
+        train = list_images(root)
+        if not train:
+            raise VadError(f"--data {root}: no images found (expected {', '.join(IMAGE_EXTENSIONS)} files, or train/good/)")
+        return Dataset(root, train)
+    dataset = Dataset(root, list_images(root / "train" / "good"))
+    if not dataset.train:
+        raise VadError(f"--data {root}: train/good/ holds no images")
+    test_dirs = sorted(p for p in (root / "test").glob("*") if p.is_dir())
+    for folder in test_dirs:
+        for path in list_images(folder):
+            good = folder.name == "good"
+            mask = root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
+            dataset.test.append(path)
+            dataset.labels.append(0 if good else 1)
+            dataset.masks.append(None if good else (mask if mask.exists() else None))
+    return dataset
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Reads and resizes images; an unreadable one yields its error instead of a tensor,
+    so one bad file never stops a batch."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = list(paths), size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, read_image(self.paths[i], self.size), None
+        except VadError as e:
+            return i, None, str(e)
+
+
+def _collate(items):
+    good = [(i, x) for i, x, _ in items if x is not None]
+    errors = [(i, e) for i, _, e in items if e is not None]
+    index = [i for i, _ in good]
+    images = torch.stack([x for _, x in good]) if good else None
+    return index, images, errors
+
+
+def image_batches(paths, size, batch_size=BATCH_SIZE):
+    """Yield (indices, images (B, 3, size, size), errors [(index, message)]) in input order."""
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, size), batch_size=batch_size, collate_fn=_collate)
+    yield from loader
+
+
+def load_images(paths, size, batch_size=BATCH_SIZE, desc="images"):
+    """Yield image batches for fitting: the first unreadable file is an error."""
+    batches = image_batches(paths, size, batch_size)
+    for _, images, errors in progress(batches, math.ceil(len(paths) / batch_size), desc):
+        if errors:
+            raise VadError(errors[0][1])
+        yield images
+
+# -----------------------------------------------------------------------------
+# The embedded synthetic inspection set (a smoke test, not a benchmark)
+
+
+def _draw_defect(kind, image, rng, center, radii, s):
+    """Paint one defect of `kind` onto `image` (H, W, 3 float) at a distance in `radii`
+    from `center`; return its mask."""
+    H, W, _ = image.shape
+    mask = Image.new("L", (W, H), 0)
+    draw = ImageDraw.Draw(mask)
+    cy, cx = center
+    angle = rng.uniform(0, 2 * np.pi)
+    r = rng.uniform(*radii)
+    y, x = cy + r * np.sin(angle), cx + r * np.cos(angle)
+    if kind == "scratch":  # a thin straight bright line
+        theta, length = rng.uniform(0, np.pi), rng.uniform(30, 60) * s
+        dx, dy = np.cos(theta) * length / 2, np.sin(theta) * length / 2
+        draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=255, width=max(1, round(2 * s)))
+        shift = np.array([70.0, 70.0, 70.0])
+    elif kind == "spot":  # a round stain of another colour
+        rad = rng.uniform(6, 10) * s
+        draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=255)
+        shift = np.array([-60.0, -25.0, 20.0])
+    else:  # crack: a dark jagged random walk
+        points, theta = [(x, y)], rng.uniform(0, 2 * np.pi)
+        for _ in range(8):
+            theta += rng.uniform(-0.8, 0.8)
+            x, y = x + np.cos(theta) * 7 * s, y + np.sin(theta) * 7 * s
+            points.append((x, y))
+        draw.line(points, fill=255, width=max(1, round(2 * s)))
+        shift = np.array([-80.0, -80.0, -80.0])
+    m = np.asarray(mask) > 0
+    image[m] = image[m] + shift
+    return m
+
+
+def _synthetic_image(kind, rng, size):
+    """A normal image (H, W, 3 float): a stochastic textured surface, or a washer-like part
+    on a background; with the center and the range of radii where defects may go."""
+    s = size / 256
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    grain = scipy.ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 2 * s) * 60 + rng.normal(0, 3, (size, size))
+    if kind == "surface":
+        phase = rng.uniform(0, 2 * np.pi)
+        stripes = 8 * np.sin(2 * np.pi * (xx * 0.8 + yy * 0.6) / (12 * s) + phase)
+        image = np.array([150.0, 138.0, 120.0]) + (grain + stripes)[..., None] * np.array([1.0, 0.95, 0.9])
+        return image, (size / 2, size / 2), (0, 0.35 * size)
+    cy, cx = size / 2 + rng.uniform(-3, 3) * s, size / 2 + rng.uniform(-3, 3) * s
+    r = np.hypot(yy - cy, xx - cx)
+    outer, inner = 0.36 * size, 0.14 * size
+    ring = np.clip(outer - r + 0.5, 0, 1) * np.clip(r - inner + 0.5, 0, 1)  # anti-aliased annulus
+    metal = 160 + 40 * np.cos(np.arctan2(yy - cy, xx - cx)) * (r / outer) + grain / 3
+    image = (45 + grain / 4)[..., None] * (1 - ring[..., None]) + (metal[..., None] * np.array([1.0, 1.0, 1.05])) * ring[..., None]
+    return image, (cy, cx), (inner + 0.05 * size, outer - 0.07 * size)  # defects on the part
+
+
+def make_synthetic(root, kind="surface", size=256, n_train=24, n_good=8, n_defect=4, seed=0):
+    """Write a small MVTec-layout category of `kind` ("surface" or "part") under `root`:
+    normal training images, normal test images, and scratch/spot/crack test images with
+    masks. Deterministic for a given seed."""
+    root = Path(root)
+    rng = np.random.default_rng([seed, 0 if kind == "surface" else 1])
+    s = size / 256
+
+    def save(image, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+
+    for i in range(n_train):
+        save(_synthetic_image(kind, rng, size)[0], root / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        save(_synthetic_image(kind, rng, size)[0], root / "test" / "good" / f"{i:03d}.png")
+    for defect in ("scratch", "spot", "crack"):
+        for i in range(n_defect):
+            image, center, radii = _synthetic_image(kind, rng, size)
+            mask = _draw_defect(defect, image, rng, center, radii, s)
+            save(image, root / "test" / defect / f"{i:03d}.png")
+            save(mask * 255.0, root / "ground_truth" / defect / f"{i:03d}_mask.png")
+    return root
+
+
+def synthetic_data():
+    """The embedded default data set: two small categories generated once into the cache."""
+    base = CACHE_DIR / f"synthetic-v{FORMAT_VERSION}"
+    if not (base / "complete").exists():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=base.parent))
+        for kind in ("surface", "part"):
+            make_synthetic(tmp / kind, kind)
+        (tmp / "complete").write_text("vad synthetic smoke-test set\n")
+        try:
+            tmp.rename(base)
+        except OSError:  # another process finished first; its copy is identical
+            pass
+    return [base / "surface", base / "part"]
+
+# -----------------------------------------------------------------------------
+# Backbones
+
+# Channels of the three taps of each backbone. ResNets: layer1/2/3 (strides 4/8/16).
+# MobileNetV2 has no named layers; its taps are the last blocks at strides 4, 8 and 16,
+# features[3] (24 ch), features[6] (32 ch) and features[13] (96 ch), the same points
+# timm's features_only uses, so they play the roles of ResNet layer1/2/3.
+BACKBONES = {
+    "wide_resnet50_2": (256, 512, 1024),
+    "resnet18": (64, 128, 256),
+    "mobilenet_v2": (24, 32, 96),
+}
+MOBILENET_STAGES = ((0, 4), (4, 7), (7, 14))  # features[a:b] for each stage
+
+
+def _stages(name, net):
+    """The torchvision network split into its three tap stages, the stem in the first."""
+    if name == "mobilenet_v2":
+        return [net.features[a:b] for a, b in MOBILENET_STAGES]
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+    return [stem, net.layer2, net.layer3]
+
+
+def load_backbone_weights(name, weights):
+    """State dict for torchvision's `name`: "imagenet" downloads it into the torch hub
+    cache (or finds it there), anything else is a path to a torchvision state dict."""
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1  # the papers' weights
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        try:
+            return enum.get_state_dict(progress=VERBOSE)
+        except Exception as e:  # urllib raises several types offline
+            raise VadError(
+                f"cannot get ImageNet weights for {name} ({type(e).__name__}: {e}); offline, put "
+                f"{Path(enum.url).name} in {cache}, or pass --weights PATH to a torchvision state dict, "
+                f"or --weights none for random init") from None
+    path = Path(weights)
+    if not path.is_file():
+        raise VadError(f"--weights {weights}: no such file; use imagenet, none, or a path to a torchvision state dict")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise VadError(f"--weights {weights}: not a readable state dict ({type(e).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise VadError(f"--weights {weights}: not a state dict")
+    return state
+
+
+class FeatureExtractor(nn.Module):
+    """A torchvision backbone cut after the deepest stage a detector uses, with the input
+    normalization built in: it takes images in [0, 1] and returns the tapped maps.
+
+    weights: "imagenet", "none" (random init, seeded by the caller), a state-dict path,
+    or "empty" (no init at all: the weights come next from a vad model file).
+    """
+
+    def __init__(self, name, layers, weights="imagenet"):
+        super().__init__()
+        if name not in BACKBONES:
+            raise VadError(f"unknown backbone {name!r}: choose from {', '.join(BACKBONES)}")
+        if weights == "empty":
+            with torch.device("meta"):
+                net = torchvision.models.get_model(name)
+        else:
+            net = torchvision.models.get_model(name)
+            if weights != "none":
+                try:
+                    net.load_state_dict(load_backbone_weights(name, weights))
+                except RuntimeError as e:
+                    first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+                    raise VadError(f"--weights {weights} does not fit {name}: {first}") from None
+        self.name, self.layers = name, tuple(layers)
+        self.stages = nn.ModuleList(_stages(name, net)[: max(self.layers)])
+        if weights == "empty":
+            self.stages.to_empty(device="cpu")
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def channels(self):
+        return [BACKBONES[self.name][i - 1] for i in self.layers]
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: batch norm keeps its ImageNet statistics
+
+    def forward(self, images):
+        """images (B, 3, H, W) in [0, 1] -> list of maps (B, C_l, H/s_l, W/s_l), one per layer."""
+        x = (images - self.mean) / self.std
+        features = []
+        for depth, stage in enumerate(self.stages, 1):
+            x = stage(x)
+            if depth in self.layers:
+                features.append(x)
+        return features
+
+# -----------------------------------------------------------------------------
+# Primitives
+
+
+def gaussian_kernel(sigma, truncate=4.0):
+    """1-D Gaussian of radius int(truncate*sigma + 0.5), as scipy.ndimage builds it."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps, sigma=BLUR_SIGMA):
+    """Blur maps (B, H, W) with a separable Gaussian; borders mirror without repeating the
+    edge pixel (scipy.ndimage mode="mirror")."""
+    if sigma <= 0:
+        return maps
+    B, H, W = maps.shape
+    k = gaussian_kernel(sigma).to(maps)
+    r = min(len(k) // 2, H - 1, W - 1)  # reflection cannot reach past the far edge
+    k = k[len(k) // 2 - r: len(k) // 2 + r + 1]
+    x = F.pad(maps[:, None], (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def greedy_coreset(features, n, projection_dim=128, seed=0):
+    """Indices of n rows of features (N, D) chosen by greedy k-center selection
+    (PatchCore sec. 3.2, Sener & Savarese 2018): each pick is the point farthest from
+    those already picked. Distances are taken after a seeded Gaussian random projection
+    to `projection_dim` dims (Johnson-Lindenstrauss), as the reference code does; the
+    start point is seeded too. Returns a LongTensor (n,) in pick order."""
+    N, D = features.shape
+    g = torch.Generator().manual_seed(seed)
+    x = features
+    if projection_dim and D > projection_dim:
+        P = torch.randn(D, projection_dim, generator=g, dtype=features.dtype) / math.sqrt(projection_dim)
+        x = features @ P.to(features.device)  # (N, k)
+    sq = (x * x).sum(1)  # (N,)
+    min_d = torch.full((N,), float("inf"), dtype=x.dtype, device=x.device)
+    picks = torch.empty(n, dtype=torch.long)
+    pick = int(torch.randint(N, (1,), generator=g))
+    for i in progress(range(n), n, "coreset"):
+        picks[i] = pick
+        d = sq - 2 * (x @ x[pick]) + sq[pick]  # squared distances to the newest center
+        torch.minimum(min_d, d, out=min_d)
+        pick = int(min_d.argmax())
+    return picks
+
+
+def nearest_neighbors(queries, bank, k=1):
+    """k nearest rows of bank (K, D) for each of queries (M, D), by Euclidean distance.
+
+    Candidates come from one matrix product per block of queries,
+    |q - b|^2 = |q|^2 - 2 q.b + |b|^2, with blocks sized so that a block's distance
+    matrix fits in CHUNK_BYTES. Returns (distances (M, k), indices (M, k)), nearest first.
+    """
+    M, K = len(queries), len(bank)
+    k = min(k, K)
+    bank_sq = (bank * bank).sum(1)
+    rows = max(1, CHUNK_BYTES // (4 * K))
+    dists, index = [], []
+    for a in range(0, M, rows):
+        q = queries[a: a + rows]
+        d2 = (q * q).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
+        i = d2.topk(k, dim=1, largest=False).indices
+        # The expansion cancels badly for near neighbours; recompute the k winners directly.
+        dists.append((q[:, None] - bank[i]).norm(dim=2))
+        index.append(i)
+    return torch.cat(dists), torch.cat(index)
+
+
+def mahalanobis(x, mean, cholesky):
+    """Mahalanobis distances of x (P, d, B) to P Gaussians, mean (P, d) and the lower
+    Cholesky factor L (P, d, d) of each covariance: |L^-1 (x - mu)|, by one batched
+    triangular solve (no inverse is ever formed). Returns (P, B)."""
+    z = torch.linalg.solve_triangular(cholesky, x - mean[..., None], upper=False)  # (P, d, B)
+    return z.square().sum(1).sqrt()
+
+
+def upsample_and_blur(patch_maps, size, sigma=BLUR_SIGMA):
+    """Patch scores (B, h, w) -> anomaly maps (B, size, size): bilinear upsampling, then
+    a Gaussian blur, as both PaDiM and PatchCore post-process."""
+    maps = F.interpolate(patch_maps[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    return gaussian_blur(maps[:, 0], sigma)
+
+# -----------------------------------------------------------------------------
+# Detectors
+
+
+class Detector(nn.Module):
+    """Shared frame: a config, a frozen feature extractor, fitted state in buffers, and the
+    calibration that every detector gets from held-out normal images."""
+    name = None
+    Config = None
+
+    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE):
+        super().__init__()
+        self.config, self.image_size = config, image_size
+        self.register_buffer("threshold", torch.tensor(float("nan")))  # on image scores
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))  # on map values
+        self.register_buffer("map_low", torch.tensor(0.0))  # typical normal map value (colour scale)
+
+    @property
+    def device(self):
+        return self.threshold.device
+
+    def fit(self, batches, seed=0):
+        """Fit on an iterable of normal image batches (B, 3, H, W) in [0, 1]."""
+        raise NotImplementedError
+
+    def score(self, images):
+        """images (B, 3, H, W) in [0, 1] -> (image_scores (B,), anomaly_maps (B, H, W))."""
+        raise NotImplementedError
+
+
+@dataclass
+class PaDiMConfig:
+    backbone: str = "wide_resnet50_2"
+    layers: tuple = (1, 2, 3)  # the paper concatenates layers 1-3 at layer 1's resolution
+    d: typing.Optional[int] = None  # random channels kept; None: per backbone, PADIM_DIMS
+    eps: float = 0.01  # covariance regularizer eps*I, the PaDiM reference code's value
+    blur_sigma: float = BLUR_SIGMA
+
+    def __post_init__(self):
+        self.layers = tuple(self.layers)
+        if self.d is not None and self.d < 1:
+            raise ValueError("d must be a positive number of channels")
+        if self.eps <= 0:
+            raise ValueError("eps must be > 0 (it keeps the covariance invertible)")
+
+
+# d per backbone. The fitted state is a d x d Cholesky factor per layer-1 position
+# (64 x 64 at 256 px): 4096 * d^2 * 4 bytes, 164 MB at d = 100. The paper's d = 550 for
+# WRN50 would make a 5 GB model; d = 100 (the paper's ResNet18 value) keeps a
+# WRN50 bottle model under 300 MB and costs little accuracy (see README).
+PADIM_DIMS = {"wide_resnet50_2": 100, "resnet18": 100, "mobilenet_v2": 100}
+
+
+class PaDiM(Detector):
+    """PaDiM (arXiv:2011.08785). Every position of the layer-1 grid gets its own
+    multivariate Gaussian over a random subset of d channels of the concatenated layer
+    1-3 features. A patch's anomaly score is its Mahalanobis distance to the Gaussian of
+    its position; the image score is the maximum of the smoothed map."""
+    name = "padim"
+    Config = PaDiMConfig
+
+    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, image_size)
+        self.backbone = FeatureExtractor(config.backbone, config.layers, weights)
+        if config.d is None:
+            config.d = PADIM_DIMS[config.backbone]
+        if config.d > sum(self.backbone.channels):
+            raise ValueError(f"d={config.d} exceeds the {sum(self.backbone.channels)} channels of {config.backbone}")
+        self.register_buffer("channels", torch.empty(0, dtype=torch.long))  # (d,) chosen channels
+        self.register_buffer("mean", torch.empty(0))  # (P, d)
+        self.register_buffer("cholesky", torch.empty(0))  # (P, d, d), lower triangular
+
+    def embed(self, images):
+        """images (B, 3, H, W) -> the chosen channels at layer-1 resolution (B, d, h, w)."""
+        features = self.backbone(images)
+        h, w = features[0].shape[-2:]
+        parts, offset = [], 0
+        for f in features:
+            C = f.shape[1]
+            own = self.channels[(self.channels >= offset) & (self.channels < offset + C)] - offset
+            f = f[:, own]  # select before upsampling: only d channels ever reach full size
+            parts.append(f if f.shape[-2:] == (h, w) else F.interpolate(f, size=(h, w), mode="nearest"))
+            offset += C
+        return torch.cat(parts, 1)
+
+    @torch.no_grad()
+    def fit(self, batches, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        C = sum(self.backbone.channels)
+        self.channels = torch.randperm(C, generator=g)[: self.config.d].sort().values.to(self.device)
+        n, shift = 0, None
+        for images in batches:
+            x = self.embed(images.to(self.device)).double()  # fp64: sums of squares over many images
+            B, d, h, w = x.shape
+            x = x.reshape(B, d, h * w).permute(2, 1, 0)  # (P, d, B)
+            if shift is None:  # accumulate around a first estimate of the mean, for stability
+                shift = x.mean(2, keepdim=True)
+                s1 = torch.zeros_like(shift)  # (P, d, 1)
+                s2 = torch.zeros(h * w, d, d, dtype=x.dtype, device=x.device)  # (P, d, d)
+            x = x - shift
+            s1 += x.sum(2, keepdim=True)
+            s2 += x @ x.transpose(1, 2)
+            n += B
+        if n < 2:
+            raise VadError("PaDiM needs at least 2 training images")
+        m = s1 / n
+        cov = (s2 - n * m @ m.transpose(1, 2)) / (n - 1)  # unbiased, as eq. 1 of the paper
+        cov += self.config.eps * torch.eye(d, dtype=cov.dtype, device=cov.device)
+        self.mean = (m + shift)[..., 0].float()
+        self.cholesky = torch.linalg.cholesky(cov).float()
+
+    @torch.no_grad()
+    def score(self, images):
+        x = self.embed(images.to(self.device))
+        B, d, h, w = x.shape
+        dist = mahalanobis(x.reshape(B, d, h * w).permute(2, 1, 0), self.mean, self.cholesky)  # (P, B)
+        maps = upsample_and_blur(dist.T.reshape(B, h, w), self.image_size, self.config.blur_sigma)
+        return maps.amax((1, 2)), maps
+
+
+@dataclass
+class PatchCoreConfig:
+    backbone: str = "wide_resnet50_2"
+    layers: tuple = (2, 3)  # mid-level features: generic enough, still local (paper sec. 3.1)
+    coreset_ratio: float = 0.1  # the paper's 10% memory bank; 1.0 keeps every patch
+    projection_dim: int = 128  # coreset distances after a random projection, as the reference code
+    num_neighbors: int = 9  # b in eq. 7, the reference code's default
+    embed_dim: typing.Optional[int] = None  # pool patch features to this many dims (reference: 1024)
+    blur_sigma: float = BLUR_SIGMA
+
+    def __post_init__(self):
+        self.layers = tuple(self.layers)
+        if not 0 < self.coreset_ratio <= 1:
+            raise ValueError("coreset_ratio must be in (0, 1]")
+        if self.num_neighbors < 1:
+            raise ValueError("num_neighbors must be >= 1")
+        if self.projection_dim < 0 or (self.embed_dim is not None and self.embed_dim < 1):
+            raise ValueError("projection_dim must be >= 0 and embed_dim >= 1")
+
+
+class PatchCore(Detector):
+    """PatchCore (arXiv:2106.08265). Locally averaged mid-level patch features of all
+    normal images form a memory bank, thinned by greedy coreset selection to a few
+    percent. A test patch scores its distance to the nearest bank entry; the image score
+    is the largest patch score, reweighted by how isolated its nearest entry is (eq. 7)."""
+    name = "patchcore"
+    Config = PatchCoreConfig
+
+    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, image_size)
+        self.backbone = FeatureExtractor(config.backbone, config.layers, weights)
+        self.register_buffer("memory_bank", torch.empty(0))  # (K, C)
+
+    def embed(self, images):
+        """images (B, 3, H, W) -> patch features (B, C, h, w) on the first layer's grid."""
+        features = self.backbone(images)
+        # 3x3 neighbourhood average (sec. 3.1, p = 3), zero padded as in the reference code
+        # (excluding the padding measured 0.001 lower pixel AUROC on bottle).
+        features = [F.avg_pool2d(f, 3, 1, 1) for f in features]
+        h, w = features[0].shape[-2:]
+        features = [f if f.shape[-2:] == (h, w) else
+                    F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False) for f in features]
+        x = torch.cat(features, 1)
+        if self.config.embed_dim:
+            B, C, h, w = x.shape
+            x = x.permute(0, 2, 3, 1).reshape(-1, 1, C)
+            x = F.adaptive_avg_pool1d(x, self.config.embed_dim).reshape(B, h, w, -1).permute(0, 3, 1, 2)
+        return x
+
+    @torch.no_grad()
+    def fit(self, batches, seed=0):
+        bank = [self.embed(images.to(self.device)).permute(0, 2, 3, 1).flatten(0, 2) for images in batches]
+        bank = torch.cat(bank)  # (N*h*w, C)
+        if self.config.coreset_ratio < 1:
+            n = max(1, math.ceil(self.config.coreset_ratio * len(bank)))
+            bank = bank[greedy_coreset(bank, n, self.config.projection_dim, seed).to(bank.device)]
+        self.memory_bank = bank.contiguous()
+
+    @torch.no_grad()
+    def score(self, images):
+        x = self.embed(images.to(self.device))
+        B, C, h, w = x.shape
+        patches = x.permute(0, 2, 3, 1).reshape(B * h * w, C)
+        dist, nearest = nearest_neighbors(patches, self.memory_bank, 1)
+        dist, nearest = dist.reshape(B, h * w), nearest.reshape(B, h * w)
+        maps = upsample_and_blur(dist.reshape(B, h, w), self.image_size, self.config.blur_sigma)
+        # Eq. 7: the worst patch m_test* scores s* = |m_test* - m*|, times 1 - softmax weight
+        # of m* among its b nearest bank neighbours N_b(m*): an isolated m* is trusted less.
+        b = torch.arange(B, device=x.device)
+        worst = dist.argmax(1)
+        s_star = dist[b, worst]
+        if min(self.config.num_neighbors, len(self.memory_bank)) < 2:
+            return s_star, maps
+        m_test = patches.reshape(B, h * w, C)[b, worst]  # (B, C)
+        m_star = self.memory_bank[nearest[b, worst]]  # (B, C)
+        _, support = nearest_neighbors(m_star, self.memory_bank, self.config.num_neighbors)  # (B, b)
+        d = (m_test[:, None] - self.memory_bank[support]).norm(dim=2)  # (B, b)
+        weight = 1 - torch.exp(s_star - torch.logsumexp(d, 1))
+        return weight * s_star, maps
+
+
+DETECTORS = {cls.name: cls for cls in (PaDiM, PatchCore)}
+
+
+def make_config(model, settings=None, **common):
+    """The detector's Config from common options (backbone) and `-s KEY=VALUE` strings,
+    each parsed to its field's type. Unknown keys and bad values are VadErrors."""
+    if model not in DETECTORS:
+        raise VadError(f"unknown model {model!r}: choose from {', '.join(DETECTORS)}")
+    cls = DETECTORS[model].Config
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in common.items() if v is not None}
+    for item in settings or ():
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise VadError(f"-s {item}: {model} settings are {', '.join(f'{k}=' for k in fields)}")
+        values[key] = _parse_value(key, text.strip(), fields[key].default)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        raise VadError(f"{model} settings: {e}") from None
+
+
+def _parse_value(key, text, default):
+    """Parse a -s value to the type of the field's default (None defaults are optional ints)."""
+    try:
+        if default is None:
+            return None if text.lower() in ("none", "") else int(text)
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, tuple):
+            return tuple(int(v) for v in text.split(",") if v)
+        return type(default)(text)
+    except ValueError:
+        kind = "comma-separated integers" if isinstance(default, tuple) else type(default or 0).__name__
+        raise VadError(f"-s {key}={text}: expected {kind}") from None
+
+# -----------------------------------------------------------------------------
+# Model files: one .pt = format header + config + every tensor, loadable with weights_only
+
+
+def _digest(state):
+    """SHA-256 over the names, dtypes, shapes and bytes of every tensor of a state dict."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save(detector, path, info=None):
+    """Write the detector to one .pt file, atomically (temporary file, then rename)."""
+    state = {k: v.detach().cpu() for k, v in detector.state_dict().items()}
+    checkpoint = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "vad_version": __version__,
+        "detector": detector.name,
+        "config": dataclasses.asdict(detector.config),
+        "image_size": detector.image_size,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "threshold": float(detector.threshold),
+        "info": dict(info or {}),
+        "state_dict": state,
+        "sha256": _digest(state),
+    }
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load(path, device="cpu"):
+    """Read a .pt written by save(). Only tensors and plain containers are unpickled
+    (weights_only=True), so a crafted file cannot run code; anything that is not a vad
+    model of this format version, or whose tensors changed since saving, is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise VadError(f"model file {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = "refused unsafe content" if "weights_only" in str(e) or "Unpickl" in type(e).__name__ else "unreadable or truncated"
+        raise VadError(f"{path} is not a vad model file ({reason}); fit one with 'vad.py fit'") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_NAME:
+        raise VadError(f"{path} is not a vad model file; fit one with 'vad.py fit'")
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise VadError(f"{path} has model format version {checkpoint.get('format_version')}, this vad "
+                       f"{__version__} reads version {FORMAT_VERSION}; fit the model again with this vad")
+    try:
+        state = checkpoint["state_dict"]
+        if _digest(state) != checkpoint["sha256"]:
+            raise VadError(f"{path} is corrupted or was modified since it was saved (checksum mismatch); fit it again")
+        cls = DETECTORS[checkpoint["detector"]]
+        detector = cls(cls.Config(**checkpoint["config"]), checkpoint["image_size"], weights="empty")
+        for name, tensor in state.items():  # fitted buffers have data-dependent shapes
+            module, _, leaf = name.rpartition(".")
+            owner = detector.get_submodule(module)
+            if leaf in owner._buffers and owner._buffers[leaf].shape != tensor.shape:
+                owner._buffers[leaf] = torch.empty_like(tensor)
+        detector.load_state_dict(state)
+    except VadError:
+        raise
+    except Exception as e:
+        raise VadError(f"{path} is not a valid vad model ({type(e).__name__}: {e}); fit it again") from None
+    detector.info = checkpoint.get("info", {})
+    return detector.to(pick_device(device)).eval()
+
+# -----------------------------------------------------------------------------
+# Metrics (numpy/scipy): image AUROC, pixel AUROC, AUPRO, thresholded and oracle F1
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve, exact and tie-aware: the Mann-Whitney U statistic with
+    mid-ranks, i.e. P(score_pos > score_neg) + 0.5 P(tie). NaN if a class is missing."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = scipy.stats.rankdata(s)
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def aupro(maps, masks, max_fpr=0.3):
+    """Area under the per-region-overlap curve up to max_fpr, divided by max_fpr (MVTec
+    AD paper, sec. 4.2). At each threshold, PRO is the mean over connected defect regions
+    (8-connectivity, all images) of the fraction of the region above the threshold, and
+    FPR the fraction of all defect-free pixels above it. Exact: every distinct score is a
+    threshold; the curve is closed at max_fpr by linear interpolation."""
+    maps = np.asarray(maps, dtype=np.float64)
+    masks = np.asarray(masks, dtype=bool)
+    weight = np.zeros(maps.shape)  # each region's pixels share 1/regions of the PRO
+    regions = 0
+    for i in range(len(masks)):
+        labels, n = scipy.ndimage.label(masks[i], structure=np.ones((3, 3)))
+        if n:
+            sizes = np.bincount(labels.ravel())
+            weight[i][labels > 0] = 1.0 / sizes[labels[labels > 0]]
+            regions += n
+    normal = ~masks
+    if regions == 0 or not normal.any():
+        return float("nan")
+    order = np.argsort(-maps.ravel(), kind="stable")
+    s = maps.ravel()[order]
+    fpr = np.cumsum(normal.ravel()[order]) / normal.sum()
+    pro = np.cumsum(weight.ravel()[order]) / regions
+    last = np.r_[s[1:] != s[:-1], True]  # a threshold admits all of its ties at once
+    fpr, pro = np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
+    j = int(np.searchsorted(fpr, max_fpr, side="right"))
+    x, y = fpr[:j], pro[:j]
+    if j < len(fpr):
+        t = (max_fpr - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
+        x, y = np.r_[x, max_fpr], np.r_[y, pro[j - 1] + t * (pro[j] - pro[j - 1])]
+    return float(np.trapezoid(y, x) / max_fpr)
+
+
+def classification(scores, labels, threshold):
+    """Precision, recall, F1 and accuracy when score > threshold means anomalous."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    pred = s > threshold
+    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float((pred == y).mean())}
+
+
+def f1_max(scores, labels):
+    """The best F1 over every threshold on these scores. An oracle: it looks at the test
+    labels, so it bounds what a threshold could do; it is not a deployable number."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    tp, fp = np.cumsum(y), np.cumsum(~y)
+    last = np.r_[s[1:] != s[:-1], True]
+    tp, fp = tp[last], fp[last]
+    f1 = 2 * tp / (tp + fp + y.sum())
+    return float(f1.max()) if y.any() else 0.0
+
+# -----------------------------------------------------------------------------
+# API: fit, calibrate, score, evaluate
+
+
+def calibrate(scores):
+    """The decision threshold from scores of held-out normal images: their maximum plus
+    10% of their spread (max - median). Normal test images then rarely exceed it, and
+    with only a few held-out images it is still above every one of them."""
+    s = np.asarray(scores, dtype=np.float64)
+    return float(s.max() + 0.1 * (s.max() - np.median(s)))
+
+
+def split_holdout(n, fraction, seed):
+    """Indices (fit, held_out) of n images: a seeded `fraction` kept out of fitting to
+    calibrate the threshold (at least one when fraction > 0 and n >= 2)."""
+    k = round(fraction * n)
+    if fraction > 0 and k == 0 and n >= 2:
+        k = 1
+    k = min(k, n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[k:]), sorted(order[:k])
+
+
+@torch.no_grad()
+def score_batches(detector, batches):
+    """Score an iterable of image batches -> (image_scores (N,), anomaly_maps (N, H, W)) numpy."""
+    scores, maps = [], []
+    for images in batches:
+        s, m = detector.score(images.to(detector.device))
+        scores.append(s.float().cpu().numpy())
+        maps.append(m.float().cpu().numpy())
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def fit(data, model="patchcore", *, backbone="wide_resnet50_2", weights="imagenet",
+        image_size=DEFAULT_IMAGE_SIZE, device="auto", seed=0, holdout=0.1, settings=None,
+        batch_size=BATCH_SIZE):
+    """Fit `model` on the normal images of `data` (an MVTec category folder, a folder of
+    images, or a list of image paths) and calibrate its threshold on a held-out part."""
+    config = make_config(model, settings, backbone=backbone)
+    paths = list(data) if isinstance(data, (list, tuple)) else read_dataset(data).train
+    if not 0 <= holdout < 1:
+        raise VadError(f"--holdout {holdout}: must be in [0, 1)")
+    fit_idx, held_idx = split_holdout(len(paths), holdout, seed)
+    if not held_idx:
+        warn(f"only {len(paths)} image(s): the threshold is calibrated on the training images themselves and will be too low")
+        held_idx = fit_idx
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # random-init backbones (--weights none) depend on it
+        try:
+            detector = DETECTORS[model](config, image_size, weights).to(pick_device(device))
+        except ValueError as e:
+            raise VadError(f"{model} settings: {e}") from None
+    note(f"fit {model} on {len(fit_idx)} images, {len(held_idx)} held out for the threshold "
+         f"({config.backbone}, weights {weights}, {image_size} px, {detector.device})")
+    detector.fit(load_images([paths[i] for i in fit_idx], image_size, batch_size, "features"), seed)
+    scores, maps = score_batches(detector, load_images([paths[i] for i in held_idx], image_size, batch_size, "threshold"))
+    detector.threshold.fill_(calibrate(scores))
+    detector.pixel_threshold.fill_(calibrate(maps.max((1, 2))))
+    detector.map_low.fill_(float(np.median(maps)))
+    detector.info = {"data": str(data) if not isinstance(data, (list, tuple)) else f"{len(paths)} images",
+                     "weights": str(weights), "seed": seed, "images": len(fit_idx), "held_out": len(held_idx)}
+    return detector
+
+
+def evaluate(detector, dataset, batch_size=BATCH_SIZE):
+    """Score the labelled test images of an MVTec-layout dataset and compute every metric."""
+    if not dataset.test:
+        raise VadError(f"{dataset.root} has no test/ images to evaluate on (MVTec AD layout expected)")
+    start = time.perf_counter()
+    scores, maps = score_batches(detector, load_images(dataset.test, detector.image_size, batch_size, "score"))
+    seconds = time.perf_counter() - start
+    labels = np.array(dataset.labels)
+    known = [i for i, (y, m) in enumerate(zip(labels, dataset.masks)) if y == 0 or m is not None]
+    masks = np.stack([read_mask(dataset.masks[i], detector.image_size).numpy() if labels[i] else
+                      np.zeros(maps.shape[1:], bool) for i in known])
+    result = {
+        "image_auroc": auroc(scores, labels),
+        "pixel_auroc": auroc(maps[known], masks),
+        "aupro": aupro(maps[known], masks),
+        **classification(scores, labels, float(detector.threshold)),
+        "f1_max_oracle": f1_max(scores, labels),
+        "threshold": float(detector.threshold),
+        "score_ms_per_image": 1000 * seconds / len(scores),
+    }
+    return result
+
+
+def bench(data_dirs=None, models=("padim", "patchcore"), *, backbone="wide_resnet50_2", weights="imagenet",
+          image_size=DEFAULT_IMAGE_SIZE, device="auto", seed=0, holdout=0.1, settings=None, batch_size=BATCH_SIZE):
+    """Fit every model on every category's train/good and evaluate it on test/.
+    Returns a list of result dicts (metrics, fit seconds, score ms/image, peak memory)."""
+    results = []
+    for root in data_dirs or synthetic_data():
+        dataset = read_dataset(root)
+        for model in models:
+            with PeakMemory() as memory:
+                start = time.perf_counter()
+                detector = fit(dataset.train, model, backbone=backbone, weights=weights, image_size=image_size,
+                               device=device, seed=seed, holdout=holdout, settings=settings, batch_size=batch_size)
+                fit_seconds = time.perf_counter() - start
+                metrics = evaluate(detector, dataset, batch_size)
+            results.append({"category": dataset.name, "model": model, "backbone": detector.config.backbone,
+                            "weights": str(weights), "image_size": image_size, "train_images": len(dataset.train),
+                            "test_images": len(dataset.test), **metrics, "fit_seconds": fit_seconds,
+                            "peak_mb": memory.peak / 2**20})
+            note(f"{dataset.name} {model}: image AUROC {metrics['image_auroc']:.4f}, pixel AUROC {metrics['pixel_auroc']:.4f}")
+    return results
+
+
+BENCH_COLUMNS = [  # (key, header, format)
+    ("category", "category", "{}"), ("model", "model", "{}"), ("backbone", "backbone", "{}"),
+    ("image_auroc", "image AUROC", "{:.4f}"), ("pixel_auroc", "pixel AUROC", "{:.4f}"),
+    ("aupro", "AUPRO@30%", "{:.4f}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
+    ("f1", "F1", "{:.3f}"), ("accuracy", "accuracy", "{:.3f}"), ("f1_max_oracle", "F1-max (oracle)", "{:.3f}"),
+    ("fit_seconds", "fit s", "{:.1f}"), ("score_ms_per_image", "score ms/img", "{:.1f}"), ("peak_mb", "peak MB", "{:.0f}"),
+]
+
+
+def bench_table(results):
+    """A markdown table, one row per category and model."""
+    lines = ["| " + " | ".join(h for _, h, _ in BENCH_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in BENCH_COLUMNS) + "|"]
+    for r in results:
+        lines.append("| " + " | ".join(fmt.format(r[k]) for k, _, fmt in BENCH_COLUMNS) + " |")
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# Heat maps
+
+
+_COLORS = np.array([[0, 0, 128], [0, 64, 255], [0, 224, 255], [255, 224, 0], [255, 32, 0]], dtype=np.float64)
+
+
+def colorize(t):
+    """Values in [0, 1] (H, W) -> RGB (H, W, 3) on a blue-cyan-yellow-red scale."""
+    x = np.clip(t, 0, 1) * (len(_COLORS) - 1)
+    i = np.minimum(x.astype(int), len(_COLORS) - 2)
+    f = (x - i)[..., None]
+    return _COLORS[i] * (1 - f) + _COLORS[i + 1] * f
+
+
+def overlay(image, anomaly_map, low, pixel_threshold):
+    """The image (3, H, W) in [0, 1] with its map blended in and the region above
+    pixel_threshold outlined in white -> uint8 (H, W, 3). Colour is 0 at the typical
+    normal value `low` and half-way at the threshold."""
+    rgb = image.permute(1, 2, 0).numpy() * 255
+    t = (anomaly_map - low) / max(2 * (pixel_threshold - low), 1e-12)
+    out = 0.55 * rgb + 0.45 * colorize(t)
+    region = anomaly_map > pixel_threshold
+    edge = region & ~scipy.ndimage.binary_erosion(region, iterations=2)
+    out[edge] = 255
+    return out.astype(np.uint8)
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+class CliError(click.ClickException):
+    exit_code = 2
+
+
+def run_api(fn, *args, **kwargs):
+    """Call an API function, turning user errors into one-line CLI errors (exit 2)."""
+    try:
+        return fn(*args, **kwargs)
+    except VadError as e:
+        raise CliError(str(e)) from None
+
+
+def common_options(f):
+    """Options shared by fit and bench."""
+    options = [
+        click.option("--backbone", type=click.Choice(list(BACKBONES)), default="wide_resnet50_2", show_default=True,
+                     help="torchvision backbone (truncated after the deepest layer used)."),
+        click.option("--weights", default="imagenet", show_default=True,
+                     help="imagenet (torchvision's, downloaded once), none (random init), or a state-dict PATH."),
+        click.option("--image-size", type=click.IntRange(32, 4096), default=DEFAULT_IMAGE_SIZE, show_default=True,
+                     help="Images are resized to this square size."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seeds every random choice."),
+        click.option("--holdout", type=float, default=0.1, show_default=True,
+                     help="Fraction of normal training images kept out to calibrate the threshold."),
+        click.option("--batch-size", type=click.IntRange(1), default=BATCH_SIZE, show_default=True),
+        click.option("-s", "--set", "settings", multiple=True, metavar="KEY=VALUE",
+                     help="Detector setting, repeatable (e.g. -s coreset_ratio=0.01); see the README."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes on stderr."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _verbosity(quiet):
+    global VERBOSE
+    VERBOSE = not quiet
+
+
+@click.group()
+@click.version_option(__version__, prog_name="vad")
+def cli():
+    """vad: find and localize defects in images after seeing only defect-free examples.
+
+    \b
+      python vad.py fit --model padim --data mvtec/bottle
+      python vad.py score bottle-padim.pt images/*.png
+      python vad.py bench --model padim --model patchcore --data mvtec/bottle
+    """
+
+
+@cli.command("fit")
+@click.option("--model", "model", type=click.Choice(list(DETECTORS)), default="patchcore", show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), help="MVTec AD category folder or folder of normal images "
+              "[default: the embedded synthetic 'surface' set].")
+@click.option("--out", type=click.Path(path_type=Path), help="Model file [default: <category>-<model>.pt].")
+@common_options
+def fit_command(model, data, out, backbone, weights, image_size, device, seed, holdout, batch_size, settings, quiet):
+    """Fit a detector on normal images and write one .pt model file.
+
+    \b
+      python vad.py fit --model padim --data mvtec/bottle
+      python vad.py fit --model patchcore --data parts/ --backbone resnet18 -s coreset_ratio=0.01 --out parts.pt
+    """
+    _verbosity(quiet)
+    if data is None:
+        data = synthetic_data()[0]
+        note(f"no --data: using the embedded synthetic set {data} (a smoke test, not a benchmark)")
+    out = out or Path(f"{Path(data).resolve().name}-{model}.pt")
+    start = time.perf_counter()
+    detector = run_api(fit, data, model, backbone=backbone, weights=weights, image_size=image_size, device=device,
+                       seed=seed, holdout=holdout, settings=settings, batch_size=batch_size)
+    save(detector, out, detector.info)
+    note(f"fitted in {time.perf_counter() - start:.1f}s, threshold {float(detector.threshold):.4g}")
+    click.echo(str(out))
+
+
+def _expand_inputs(inputs):
+    """PATH arguments (files, folders, '-' for paths on stdin) -> image paths, in order."""
+    paths, skipped = [], 0
+    for item in inputs:
+        if item == "-":
+            paths += [Path(line.strip()) for line in sys.stdin if line.strip()]
+        elif Path(item).is_dir():
+            found = list_images(item)
+            skipped += sum(1 for p in Path(item).rglob("*") if p.is_file() and not is_image(p))
+            paths += found
+        else:
+            paths.append(Path(item))
+    if skipped:
+        warn(f"skipped {skipped} non-image file(s) in the given folders")
+    return paths
+
+
+def _output_name(path, parent, folder, suffix):
+    try:
+        rel = path.resolve().relative_to(parent)
+    except ValueError:
+        rel = Path(path.name)
+    out = Path(folder) / rel.with_suffix(suffix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@cli.command("score")
+@click.argument("model_file", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of tab-separated text.")
+@click.option("--heatmaps", type=click.Path(path_type=Path), help="Write each image with its map overlaid (PNG) here.")
+@click.option("--maps", type=click.Path(path_type=Path), help="Write each raw anomaly map (float32 .npy) here.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=BATCH_SIZE, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes on stderr.")
+def score_command(model_file, inputs, as_json, heatmaps, maps, device, batch_size, quiet):
+    """Score images with a fitted model: one line per image on stdout,
+    "PATH<TAB>SCORE<TAB>ok|anomalous", in input order.
+
+    INPUTS are image files, folders (searched recursively) or '-' for one path per line
+    on stdin. Exit status: 0 all scored, 2 usage or model error, 3 some images unreadable
+    (each reported on stderr; the others are still scored).
+
+    \b
+      python vad.py score bottle-padim.pt test/*/*.png
+      find line3/ -name '*.png' | python vad.py score bottle-padim.pt - --json --heatmaps out/
+    """
+    _verbosity(quiet)
+    detector = run_api(load, model_file, device)
+    paths = _expand_inputs(inputs)
+    if not paths:
+        raise CliError("no images to score: give image files, folders, or - to read paths from stdin")
+    parent = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
+    threshold = float(detector.threshold)
+    failed = 0
+    batches = image_batches(paths, detector.image_size, batch_size)
+    for index, images, errors in progress(batches, math.ceil(len(paths) / batch_size), "score"):
+        for _, message in errors:
+            click.echo(f"error: {message}", err=True)
+        failed += len(errors)
+        if images is None:
+            continue
+        scores, anomaly_maps = detector.score(images.to(detector.device))
+        for j, i in enumerate(index):
+            path, s, m = paths[i], float(scores[j]), anomaly_maps[j].float().cpu().numpy()
+            verdict = "anomalous" if s > threshold else "ok"
+            record = {"path": str(path), "score": s, "threshold": threshold, "verdict": verdict}
+            if heatmaps:
+                name = _output_name(path, parent, heatmaps, ".png")
+                Image.fromarray(overlay(images[j], m, float(detector.map_low), float(detector.pixel_threshold))).save(name)
+                record["heatmap"] = str(name)
+            if maps:
+                name = _output_name(path, parent, maps, ".npy")
+                np.save(name, m.astype(np.float32))
+                record["map"] = str(name)
+            click.echo(json.dumps(record) if as_json else f"{path}\t{s:.6g}\t{verdict}")
+    if failed:
+        click.echo(f"error: {failed} of {len(paths)} image(s) could not be read", err=True)
+        sys.exit(3)
+
+
+@cli.command("bench")
+@click.option("--model", "models", multiple=True, type=click.Choice(list(DETECTORS)),
+              help="Detector to benchmark, repeatable [default: all].")
+@click.option("--data", "data", multiple=True, type=click.Path(path_type=Path),
+              help="MVTec AD category folder, repeatable [default: the embedded synthetic set].")
+@click.argument("more_data", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--json", "json_file", type=click.Path(path_type=Path), help="Also write the results as JSON here.")
+@common_options
+def bench_command(models, data, more_data, json_file, backbone, weights, image_size, device, seed, holdout,
+                  batch_size, settings, quiet):
+    """Fit on train/good and evaluate on test/ of each category: prints a markdown table
+    with image and pixel AUROC, AUPRO, precision/recall/F1/accuracy at the calibrated
+    threshold, F1-max (an oracle: it peeks at test labels), fit time, score time and
+    peak memory. Extra arguments after --data are more category folders.
+
+    \b
+      python vad.py bench
+      python vad.py bench --model padim --data mvtec/bottle mvtec/cable --backbone resnet18
+    """
+    _verbosity(quiet)
+    dirs = list(data) + list(more_data)
+    if not dirs and weights == "imagenet":
+        try:
+            load_backbone_weights(backbone, "imagenet")
+        except VadError as e:
+            warn(str(e))
+            warn("=" * 72)
+            warn("RANDOM WEIGHTS: ImageNet weights are unavailable, so this smoke test runs with a")
+            warn("randomly initialised backbone (--weights none). Accuracy is NOT representative.")
+            warn("=" * 72)
+            weights = "none"
+    if not dirs:
+        note("no --data: benchmarking the embedded synthetic set (a smoke test, not a benchmark)")
+    results = run_api(bench, dirs or None, models or tuple(DETECTORS), backbone=backbone, weights=weights,
+                      image_size=image_size, device=device, seed=seed, holdout=holdout, settings=settings,
+                      batch_size=batch_size)
+    label = {"none": "random init (NOT pretrained)", "imagenet": "torchvision ImageNet"}.get(weights, weights)
+    click.echo(f"weights: {label}; image size {image_size}; seed {seed}; vad {__version__}\n")
+    click.echo(bench_table(results))
+    if json_file:
+        atomic_write(json_file, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+
+
+if __name__ == "__main__":
+    cli()
