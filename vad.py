@@ -1319,7 +1319,8 @@ def bench_command(models, data, more_data, json_file, backbone, weights, image_s
                       image_size=image_size, device=device, seed=seed, holdout=holdout, settings=settings,
                       batch_size=batch_size)
     label = {"none": "random init (NOT pretrained)", "imagenet": "torchvision ImageNet"}.get(weights, weights)
-    click.echo(f"weights: {label}; image size {image_size}; seed {seed}; vad {__version__}\n")
+    source = ", ".join(map(str, dirs)) if dirs else "the embedded synthetic set (a smoke test, not a benchmark)"
+    click.echo(f"data: {source}\nweights: {label}; image size {image_size}; seed {seed}; vad {__version__}\n")
     click.echo(bench_table(results))
     if json_file:
         atomic_write(json_file, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
