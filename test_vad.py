@@ -345,6 +345,9 @@ def test_fit_is_deterministic_for_a_seed(name, dataset):
 def test_settings_are_validated():
     assert vad.make_config("patchcore", ["coreset_ratio=0.05", "layers=2,3", "embed_dim=64"]).embed_dim == 64
     assert vad.make_config("padim", ["d=none"]).d is None
+    assert vad.make_config("padim", ["layers=3,1"]).layers == (1, 3)
+    with pytest.raises(vad.VadError, match="layers must be"):
+        vad.make_config("padim", ["layers=4"])
     with pytest.raises(vad.VadError, match="coreset_ratio=, "):
         vad.make_config("patchcore", ["bogus=1"])
     with pytest.raises(vad.VadError, match="expected int"):
@@ -433,10 +436,19 @@ def test_refuses_other_format_version_and_tampering(fitted, tmp_path):
     with pytest.raises(vad.VadError, match="format version"):
         vad.load(tmp_path / "future.pt")
     checkpoint["format_version"] = vad.FORMAT_VERSION
+    checkpoint["config"]["num_neighbors"] = 3
+    torch.save(checkpoint, tmp_path / "tampered_config.pt")
+    with pytest.raises(vad.VadError, match="checksum"):
+        vad.load(tmp_path / "tampered_config.pt")
+    checkpoint["config"]["num_neighbors"] = 9
     checkpoint["state_dict"]["memory_bank"][0, 0] += 1.0
     torch.save(checkpoint, tmp_path / "tampered.pt")
     with pytest.raises(vad.VadError, match="checksum"):
         vad.load(tmp_path / "tampered.pt")
+    del checkpoint["state_dict"]["memory_bank"]
+    torch.save(checkpoint, tmp_path / "missing_tensor.pt")
+    with pytest.raises(vad.VadError, match="checksum"):
+        vad.load(tmp_path / "missing_tensor.pt")
 
 
 def test_malicious_pickle_never_runs(tmp_path):

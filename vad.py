@@ -195,14 +195,14 @@ def _open(path):
 def read_image(path, size):
     """Image file -> float tensor (3, size, size) in [0, 1].
 
-    Grey, palette, RGBA, CMYK and 16-bit images all become RGB. 16-bit and 32-bit
-    integer images are scaled from their full range, not clipped at 255.
+    Grey, palette, RGBA, CMYK and 16-bit images all become RGB. 16-bit grey images
+    ("I;16", or "I" as Pillow opens some 16-bit PNGs) are scaled from 0..65535, the same
+    for every image, not clipped at 255; float images ("F") are taken as 0..1.
     """
     image = _open(path)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        grey = np.asarray(image, dtype=np.float32)
-        peak = 1.0 if image.mode == "F" else (255.0 if grey.max() <= 255 else 65535.0)
-        grey = Image.fromarray(np.clip(grey / peak, 0, 1), mode="F").resize((size, size), Image.BILINEAR)
+        grey = np.asarray(image, dtype=np.float32) / (1.0 if image.mode == "F" else 65535.0)
+        grey = Image.fromarray(np.clip(grey, 0, 1), mode="F").resize((size, size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(grey, dtype=np.float32).copy())[None].expand(3, -1, -1)
         return x.contiguous()
     if image.mode == "P" or image.mode == "LA":
@@ -610,6 +610,14 @@ class Detector(nn.Module):
         raise NotImplementedError
 
 
+def check_layers(layers):
+    """Backbone taps as a sorted tuple of distinct values from 1, 2, 3 (finest first)."""
+    layers = tuple(sorted(set(layers)))
+    if not layers or not set(layers) <= {1, 2, 3}:
+        raise ValueError("layers must be one or more of 1, 2, 3")
+    return layers
+
+
 @dataclass
 class PaDiMConfig:
     backbone: str = "wide_resnet50_2"
@@ -619,7 +627,7 @@ class PaDiMConfig:
     blur_sigma: float = BLUR_SIGMA
 
     def __post_init__(self):
-        self.layers = tuple(self.layers)
+        self.layers = check_layers(self.layers)
         if self.d is not None and self.d < 1:
             raise ValueError("d must be a positive number of channels")
         if self.eps <= 0:
@@ -686,8 +694,8 @@ class PaDiM(Detector):
         if n < 2:
             raise VadError("PaDiM needs at least 2 training images")
         m = s1 / n
-        cov = (s2 - n * m @ m.transpose(1, 2)) / (n - 1)  # unbiased, as eq. 1 of the paper
-        cov += self.config.eps * torch.eye(d, dtype=cov.dtype, device=cov.device)
+        cov = s2.sub_(n * m @ m.transpose(1, 2)).div_(n - 1)  # unbiased, as eq. 1 of the paper; in place
+        cov.diagonal(dim1=1, dim2=2).add_(self.config.eps)
         self.mean = (m + shift)[..., 0].float()
         self.cholesky = torch.linalg.cholesky(cov).float()
 
@@ -711,7 +719,7 @@ class PatchCoreConfig:
     blur_sigma: float = BLUR_SIGMA
 
     def __post_init__(self):
-        self.layers = tuple(self.layers)
+        self.layers = check_layers(self.layers)
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError("coreset_ratio must be in (0, 1]")
         if self.num_neighbors < 1:
@@ -824,9 +832,13 @@ def _parse_value(key, text, default):
 # Model files: one .pt = format header + config + every tensor, loadable with weights_only
 
 
-def _digest(state):
-    """SHA-256 over the names, dtypes, shapes and bytes of every tensor of a state dict."""
+def _digest(checkpoint):
+    """SHA-256 over what defines the model: detector, config, input size, and the names,
+    dtypes, shapes and bytes of every tensor of its state dict."""
     h = hashlib.sha256()
+    header = {k: checkpoint[k] for k in ("detector", "config", "image_size")}
+    h.update(json.dumps(header, sort_keys=True).encode())
+    state = checkpoint["state_dict"]
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -848,8 +860,8 @@ def save(detector, path, info=None):
         "threshold": float(detector.threshold),
         "info": dict(info or {}),
         "state_dict": state,
-        "sha256": _digest(state),
     }
+    checkpoint["sha256"] = _digest(checkpoint)
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -872,7 +884,7 @@ def load(path, device="cpu"):
                        f"{__version__} reads version {FORMAT_VERSION}; fit the model again with this vad")
     try:
         state = checkpoint["state_dict"]
-        if _digest(state) != checkpoint["sha256"]:
+        if _digest(checkpoint) != checkpoint["sha256"]:
             raise VadError(f"{path} is corrupted or was modified since it was saved (checksum mismatch); fit it again")
         cls = DETECTORS[checkpoint["detector"]]
         detector = cls(cls.Config(**checkpoint["config"]), checkpoint["image_size"], weights="empty")
@@ -1009,7 +1021,8 @@ def fit(data, model="patchcore", *, backbone="wide_resnet50_2", weights="imagene
         raise VadError(f"--holdout {holdout}: must be in [0, 1)")
     fit_idx, held_idx = split_holdout(len(paths), holdout, seed)
     if not held_idx:
-        warn(f"only {len(paths)} image(s): the threshold is calibrated on the training images themselves and will be too low")
+        warn(f"no held-out images ({len(paths)} image(s), --holdout {holdout}): the threshold is calibrated "
+             f"on the training images themselves and will be too low")
         held_idx = fit_idx
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random-init backbones (--weights none) depend on it
