@@ -469,7 +469,7 @@ def test_save_is_atomic(fitted, tmp_path, monkeypatch):
     out.write_bytes(b"previous model")
 
     def crash(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)
@@ -565,6 +565,210 @@ def test_cli_failed_fit_writes_nothing(dataset, tmp_path):
     r = cli("fit", "--model", "padim", "--data", data, "--out", out, *TINY, "-s", "d=40")
     assert r.exit_code == 2 and "zz_corrupt.png" in r.stderr
     assert out.read_bytes() == b"the old model" and sorted(p.name for p in tmp_path.iterdir()) == ["data", "m.pt"]
+
+# -----------------------------------------------------------------------------
+# The scripting contract: one test per row of the README's table
+
+
+def png_header(width, height):
+    """A PNG that claims width x height pixels but holds no image data: what a
+    decompression bomb looks like before it is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def model_file(fitted, tmp_path):
+    vad.save(fitted["padim"], tmp_path / "m.pt")
+    return tmp_path / "m.pt"
+
+
+def test_contract_data_missing_empty_or_without_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "readme.txt").write_text("no images here")
+    for folder, expected in [("missing", "no such folder"), ("empty", "no images found"), ("texts", "no images found")]:
+        r = cli("fit", "--model", "padim", "--data", tmp_path / folder, *TINY)
+        assert r.exit_code == 2 and expected in r.stderr and folder in r.stderr
+        assert r.stderr.count("\n") == 1 and not r.stdout
+
+
+def test_contract_non_images_are_skipped_with_one_warning(dataset, tmp_path):
+    data = tmp_path / "data"
+    for p in vad.read_dataset(dataset).train[:6]:
+        save_png(np.asarray(Image.open(p)), data / p.name)
+    (data / "notes.txt").write_text("x")
+    (data / "Thumbs.db").write_bytes(b"x")
+    r = cli("fit", "--model", "padim", "--data", data, "--out", tmp_path / "m.pt", *TINY, "-s", "d=20")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("skipped 2 non-image file(s)") == 1
+    r = cli("score", tmp_path / "m.pt", data, "-q")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 6 and r.stderr.count("skipped 2") == 1
+
+
+def test_contract_truncated_image_in_fit_names_it_and_writes_nothing(dataset, tmp_path):
+    data = tmp_path / "data"
+    for p in vad.read_dataset(dataset).train[:5]:
+        save_png(np.asarray(Image.open(p)), data / p.name)
+    good = (data / vad.read_dataset(dataset).train[0].name).read_bytes()
+    (data / "zz_truncated.png").write_bytes(good[: len(good) // 2])
+    r = cli("fit", "--model", "padim", "--data", data, "--out", tmp_path / "m.pt", *TINY, "-s", "d=20")
+    assert r.exit_code == 2 and "zz_truncated.png" in r.stderr and not (tmp_path / "m.pt").exists()
+
+
+def test_contract_truncated_and_bomb_in_score_are_reported_rest_scored(model_file, dataset, tmp_path):
+    good = vad.read_dataset(dataset).test[:2]
+    (tmp_path / "truncated.png").write_bytes(good[0].read_bytes()[:300])
+    (tmp_path / "bomb.png").write_bytes(png_header(40000, 40000))
+    inputs = [good[0], tmp_path / "truncated.png", tmp_path / "bomb.png", good[1]]
+    r = cli("score", model_file, *inputs, "-q")
+    assert r.exit_code == 3
+    assert [line.split("\t")[0] for line in r.stdout.splitlines()] == [str(good[0]), str(good[1])]
+    assert "truncated.png" in r.stderr and "bomb.png" in r.stderr and "decompression bomb" in r.stderr
+
+
+def test_contract_decompression_bomb_refused_before_decoding(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(png_header(12000, 12000))  # 144 Mpx: 430 MB if decoded
+    with pytest.raises(vad.VadError, match="12000x12000 pixels is over vad's limit"):
+        vad.read_image(tmp_path / "bomb.png", 64)
+    (tmp_path / "huge.png").write_bytes(png_header(200000, 200000))  # caught by Pillow's own check
+    with pytest.raises(vad.VadError, match="huge.png.*decompression bomb"):
+        vad.read_image(tmp_path / "huge.png", 64)
+
+
+def test_contract_formats_score_like_the_plain_image(fitted, dataset, tmp_path):
+    """EXIF-rotated JPEG, CMYK JPEG, 16-bit PNG/TIFF, palette PNG and RGBA PNG of the same
+    picture score like its plain 8-bit version."""
+    det = fitted["patchcore"]
+    grey = np.asarray(Image.open(vad.read_dataset(dataset).test[-1]).convert("L"))
+    Image.fromarray(grey).save(tmp_path / "plain.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.tif")
+    Image.fromarray(grey).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(np.dstack([grey, grey, grey, np.full_like(grey, 255)])).save(tmp_path / "rgba.png")
+    Image.fromarray(grey).convert("RGB").save(tmp_path / "plain.jpg", quality=98)
+    Image.fromarray(grey).convert("RGB").convert("CMYK").save(tmp_path / "cmyk.jpg", quality=98)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "rotate 90 degrees counter-clockwise to display"
+    Image.fromarray(np.rot90(grey, -1).copy()).convert("RGB").save(tmp_path / "exif.jpg", quality=98, exif=exif)
+    assert Image.open(tmp_path / "deep.tif").mode.startswith("I;16")
+    scores = {r.path.name: r.score for r in vad.score_files(det, sorted(tmp_path.iterdir()))}
+    for name in ("deep.png", "deep.tif", "palette.png", "rgba.png"):
+        assert scores[name] == pytest.approx(scores["plain.png"], rel=1e-5), name
+    for name in ("cmyk.jpg", "exif.jpg"):  # lossy: same picture, slightly different blocks
+        assert scores[name] == pytest.approx(scores["plain.jpg"], rel=0.03), name
+
+
+def test_contract_padim_with_fewer_images_than_d_fits_with_a_warning(dataset, tmp_path):
+    paths = vad.read_dataset(dataset).train[:7]
+    r = cli("fit", "--model", "padim", "--data", paths[0].parent, "--out", tmp_path / "m.pt", *TINY, "-s", "d=40")
+    assert r.exit_code == 0 and r.stderr.count("rank-deficient") == 1
+    det = vad.load(tmp_path / "m.pt")
+    scores, maps = det.score(torch.stack([vad.read_image(p, SIZE) for p in paths[:2]]))
+    assert torch.isfinite(scores).all() and torch.isfinite(maps).all()
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("coreset_ratio=0", "(0, 1]"), ("coreset_ratio=1.5", "(0, 1]"), ("coreset_ratio=lots", "expected float"),
+    ("bogus=1", "coreset_ratio="), ("num_neighbors=2.5", "expected int")])
+def test_contract_bad_settings_are_usage_errors(dataset, tmp_path, setting, expected):
+    r = cli("fit", "--model", "patchcore", "--data", dataset, "--out", tmp_path / "m.pt", *TINY, "-s", setting)
+    assert r.exit_code == 2 and expected in r.stderr and not (tmp_path / "m.pt").exists()
+
+
+def test_contract_bad_model_files_are_one_line_errors(model_file, dataset, tmp_path):
+    data = model_file.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:1000])
+    torch.save({"not": "vad"}, tmp_path / "other.pt")
+    checkpoint = torch.load(model_file, weights_only=True)
+    checkpoint["format_version"] = 99
+    torch.save(checkpoint, tmp_path / "v99.pt")
+    image = vad.read_dataset(dataset).test[0]
+    for name, expected in [("missing.pt", "does not exist"), ("cut.pt", "not a vad model"),
+                           ("other.pt", "not a vad model"), ("v99.pt", "format version 99")]:
+        r = cli("score", tmp_path / name, image)
+        assert r.exit_code == 2 and expected in r.stderr and r.stderr.count("\n") == 1 and not r.stdout
+
+
+def test_contract_malicious_model_file_never_runs_code(dataset, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "code ran"))
+
+    torch.save({"format": "vad-model", "format_version": 1, "payload": Exploit()}, tmp_path / "evil.pt")
+    r = cli("score", tmp_path / "evil.pt", vad.read_dataset(dataset).test[0])
+    assert r.exit_code == 2 and "not a vad model" in r.stderr and not marker.exists()
+
+
+def test_contract_cuda_without_cuda(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["fit", "--model", "padim", "--data", dataset, "--out", tmp_path / "m.pt", "--backbone", "resnet18",
+            "--weights", "none", "--image-size", SIZE, "-q", "-s", "d=20"]
+    r = cli(*args, "--device", "cuda")
+    assert r.exit_code == 2 and "no CUDA device" in r.stderr and not (tmp_path / "m.pt").exists()
+    assert cli(*args, "--device", "auto").exit_code == 0
+    assert vad.load(tmp_path / "m.pt").device.type == "cpu"
+
+
+@pytest.mark.parametrize("failure", ["interrupt", "crash"])
+def test_contract_interrupted_fit_leaves_old_file(dataset, tmp_path, monkeypatch, failure):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"the old model")
+
+    def broken_fit(self, batches, seed=0):
+        next(iter(batches))
+        raise KeyboardInterrupt if failure == "interrupt" else RuntimeError("backbone exploded")
+
+    monkeypatch.setattr(vad.PaDiM, "fit", broken_fit)
+    r = cli("fit", "--model", "padim", "--data", dataset, "--out", out, *TINY, "-s", "d=20")
+    assert r.exit_code != 0
+    assert out.read_bytes() == b"the old model" and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_contract_disk_full_during_save(dataset, tmp_path, monkeypatch):
+    import errno
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"the old model")
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    r = cli("fit", "--model", "padim", "--data", dataset, "--out", out, *TINY, "-s", "d=20")
+    assert r.exit_code == 2 and "No space left on device" in r.stderr and str(out) in r.stderr
+    assert out.read_bytes() == b"the old model" and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+@pytest.mark.parametrize("name", list(vad.DETECTORS))
+def test_contract_same_seed_gives_bitwise_identical_files_and_scores(name, dataset, tmp_path):
+    outputs = []
+    for run in ("a", "b"):
+        r = cli("fit", "--model", name, "--data", dataset, "--out", tmp_path / f"{run}.pt", *TINY, *sum(
+            [["-s", s] for s in FAST[name]], []))
+        assert r.exit_code == 0, r.output
+        outputs.append(cli("score", tmp_path / f"{run}.pt", dataset / "test", "--json", "-q").stdout)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert [json.loads(x)["score"] for x in outputs[0].splitlines()] == \
+        [json.loads(x)["score"] for x in outputs[1].splitlines()]
+
+
+def test_contract_exit_codes_and_fail_on_anomaly(model_file, dataset):
+    ds = vad.read_dataset(dataset)
+    defects = [p for p, y in zip(ds.test, ds.labels) if y]
+    r = cli("score", model_file, *defects, "--fail-on-anomaly", "-q")
+    assert r.exit_code == 1 and "anomalous" in r.stdout
+    assert cli("score", model_file, *defects, "-q").exit_code == 0
+    help_text = cli("score", "--help").stdout
+    assert "Exit status" in help_text and "--fail-on-anomaly" in help_text
+
 
 # -----------------------------------------------------------------------------
 # GPU (skipped without CUDA)

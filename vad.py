@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,7 @@ DEFAULT_IMAGE_SIZE = 256  # both papers resize MVTec AD to 256 (PatchCore then c
 BLUR_SIGMA = 4.0  # PaDiM sec. 3 and PatchCore sec. 3.3 smooth the upsampled map with sigma = 4
 CHUNK_BYTES = 256 * 2**20  # working memory for one block of a distance matrix
 BATCH_SIZE = 16
+MAX_PIXELS = 100_000_000  # larger images are refused before decoding (decompression bombs)
 CACHE_DIR = Path(os.environ.get("VAD_CACHE", Path.home() / ".cache" / "vad"))
 
 # -----------------------------------------------------------------------------
@@ -179,15 +181,28 @@ def is_image(path):
 
 
 def list_images(folder):
-    """Every image file under `folder`, recursively, in sorted order."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image(p))
+    """Every image file under `folder`, recursively, in sorted order; other files are
+    skipped with one warning that counts them (none if there is no image at all: the
+    caller's error then says so)."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    images = sorted(p for p in files if is_image(p))
+    if images and len(images) < len(files):
+        warn(f"skipped {len(files) - len(images)} non-image file(s) in {folder}")
+    return images
 
 
 def _open(path):
+    """Decode an image file, refusing absurd sizes before any pixel is decoded."""
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit
+            image = Image.open(path)
+        w, h = image.size
+        if w * h > MAX_PIXELS:
+            raise VadError(f"cannot read image {path}: {w}x{h} pixels is over vad's limit of "
+                           f"{MAX_PIXELS:,} (a decompression bomb, or tile it first)")
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise VadError(f"cannot read image {path}: {e}") from None
     return ImageOps.exif_transpose(image)  # phones and some cameras store rotation in EXIF
 
@@ -693,6 +708,9 @@ class PaDiM(Detector):
             n += B
         if n < 2:
             raise VadError("PaDiM needs at least 2 training images")
+        if n <= d:
+            warn(f"PaDiM fitted on {n} images for d={d} feature dimensions: each covariance is "
+                 f"rank-deficient and held up by eps*I alone; use more than {d} normal images")
         m = s1 / n
         cov = s2.sub_(n * m @ m.transpose(1, 2)).div_(n - 1)  # unbiased, as eq. 1 of the paper; in place
         cov.diagonal(dim1=1, dim2=2).add_(self.config.eps)
@@ -846,6 +864,13 @@ def _digest(checkpoint):
     return h.hexdigest()
 
 
+def _torch_save(obj, path):
+    # Through a file object: torch.save names the archive's records after a path it is
+    # given, which would make two saves of one model differ by their temporary names.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save(detector, path, info=None):
     """Write the detector to one .pt file, atomically (temporary file, then rename)."""
     state = {k: v.detach().cpu() for k, v in detector.state_dict().items()}
@@ -862,7 +887,10 @@ def save(detector, path, info=None):
         "state_dict": state,
     }
     checkpoint["sha256"] = _digest(checkpoint)
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    try:
+        atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp))
+    except OSError as e:  # disk full, read-only folder, ...: the old file (if any) is intact
+        raise VadError(f"could not write model file {path}: {e.strerror or e}") from None
 
 
 def load(path, device="cpu"):
@@ -1042,6 +1070,37 @@ def fit(data, model="patchcore", *, backbone="wide_resnet50_2", weights="imagene
     return detector
 
 
+@dataclass
+class Scored:
+    """The result for one image file: score, verdict and map, or why it could not be read."""
+    path: Path
+    score: float = float("nan")
+    threshold: float = float("nan")
+    anomaly_map: np.ndarray = None  # (H, W) float32 at the model's input size
+    image: torch.Tensor = None  # (3, H, W) in [0, 1], as the model saw it
+    error: str = None
+
+    @property
+    def verdict(self):
+        return "anomalous" if self.score > self.threshold else "ok"
+
+
+def score_files(detector, paths, batch_size=BATCH_SIZE):
+    """Score image files in batches; yield one Scored per path, in order. An unreadable
+    file yields its error and never stops the others."""
+    threshold = float(detector.threshold)
+    batches = image_batches(paths, detector.image_size, batch_size)
+    for index, images, errors in progress(batches, math.ceil(len(paths) / batch_size), "score"):
+        results = {i: Scored(Path(paths[i]), error=message) for i, message in errors}
+        if images is not None:
+            with torch.no_grad():
+                scores, maps = detector.score(images.to(detector.device))
+            for j, i in enumerate(index):
+                results[i] = Scored(Path(paths[i]), float(scores[j]), threshold,
+                                    maps[j].float().cpu().numpy(), images[j])
+        yield from (results[i] for i in sorted(results))
+
+
 def evaluate(detector, dataset, batch_size=BATCH_SIZE):
     """Score the labelled test images of an MVTec-layout dataset and compute every metric."""
     if not dataset.test:
@@ -1208,25 +1267,21 @@ def fit_command(model, data, out, backbone, weights, image_size, device, seed, h
     start = time.perf_counter()
     detector = run_api(fit, data, model, backbone=backbone, weights=weights, image_size=image_size, device=device,
                        seed=seed, holdout=holdout, settings=settings, batch_size=batch_size)
-    save(detector, out, detector.info)
+    run_api(save, detector, out, detector.info)
     note(f"fitted in {time.perf_counter() - start:.1f}s, threshold {float(detector.threshold):.4g}")
     click.echo(str(out))
 
 
 def _expand_inputs(inputs):
     """PATH arguments (files, folders, '-' for paths on stdin) -> image paths, in order."""
-    paths, skipped = [], 0
+    paths = []
     for item in inputs:
         if item == "-":
             paths += [Path(line.strip()) for line in sys.stdin if line.strip()]
         elif Path(item).is_dir():
-            found = list_images(item)
-            skipped += sum(1 for p in Path(item).rglob("*") if p.is_file() and not is_image(p))
-            paths += found
+            paths += list_images(item)
         else:
             paths.append(Path(item))
-    if skipped:
-        warn(f"skipped {skipped} non-image file(s) in the given folders")
     return paths
 
 
@@ -1246,16 +1301,23 @@ def _output_name(path, parent, folder, suffix):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of tab-separated text.")
 @click.option("--heatmaps", type=click.Path(path_type=Path), help="Write each image with its map overlaid (PNG) here.")
 @click.option("--maps", type=click.Path(path_type=Path), help="Write each raw anomaly map (float32 .npy) here.")
+@click.option("--fail-on-anomaly", is_flag=True, help="Exit 1 when any image is judged anomalous.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=BATCH_SIZE, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes on stderr.")
-def score_command(model_file, inputs, as_json, heatmaps, maps, device, batch_size, quiet):
+def score_command(model_file, inputs, as_json, heatmaps, maps, fail_on_anomaly, device, batch_size, quiet):
     """Score images with a fitted model: one line per image on stdout,
     "PATH<TAB>SCORE<TAB>ok|anomalous", in input order.
 
     INPUTS are image files, folders (searched recursively) or '-' for one path per line
-    on stdin. Exit status: 0 all scored, 2 usage or model error, 3 some images unreadable
-    (each reported on stderr; the others are still scored).
+    on stdin. Errors go to stderr, never stdout.
+
+    \b
+    Exit status:
+      0  every image scored
+      1  with --fail-on-anomaly: every image scored, at least one anomalous
+      2  usage or model-file error (nothing scored)
+      3  some images could not be read (each reported; all others scored)
 
     \b
       python vad.py score bottle-padim.pt test/*/*.png
@@ -1267,32 +1329,30 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, device, batch_siz
     if not paths:
         raise CliError("no images to score: give image files, folders, or - to read paths from stdin")
     parent = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
-    threshold = float(detector.threshold)
-    failed = 0
-    batches = image_batches(paths, detector.image_size, batch_size)
-    for index, images, errors in progress(batches, math.ceil(len(paths) / batch_size), "score"):
-        for _, message in errors:
-            click.echo(f"error: {message}", err=True)
-        failed += len(errors)
-        if images is None:
+    failed = anomalous = 0
+    for r in score_files(detector, paths, batch_size):
+        if r.error:
+            click.echo(f"error: {r.error}", err=True)
+            failed += 1
             continue
-        scores, anomaly_maps = detector.score(images.to(detector.device))
-        for j, i in enumerate(index):
-            path, s, m = paths[i], float(scores[j]), anomaly_maps[j].float().cpu().numpy()
-            verdict = "anomalous" if s > threshold else "ok"
-            record = {"path": str(path), "score": s, "threshold": threshold, "verdict": verdict}
+        anomalous += r.verdict == "anomalous"
+        record = {"path": str(r.path), "score": r.score, "threshold": r.threshold, "verdict": r.verdict}
+        try:
             if heatmaps:
-                name = _output_name(path, parent, heatmaps, ".png")
-                Image.fromarray(overlay(images[j], m, float(detector.map_low), float(detector.pixel_threshold))).save(name)
-                record["heatmap"] = str(name)
+                record["heatmap"] = str(_output_name(r.path, parent, heatmaps, ".png"))
+                Image.fromarray(overlay(r.image, r.anomaly_map, float(detector.map_low),
+                                        float(detector.pixel_threshold))).save(record["heatmap"])
             if maps:
-                name = _output_name(path, parent, maps, ".npy")
-                np.save(name, m.astype(np.float32))
-                record["map"] = str(name)
-            click.echo(json.dumps(record) if as_json else f"{path}\t{s:.6g}\t{verdict}")
+                record["map"] = str(_output_name(r.path, parent, maps, ".npy"))
+                np.save(record["map"], r.anomaly_map)
+        except OSError as e:
+            raise CliError(f"cannot write output for {r.path}: {e}") from None
+        click.echo(json.dumps(record) if as_json else f"{r.path}\t{r.score:.6g}\t{r.verdict}")
     if failed:
         click.echo(f"error: {failed} of {len(paths)} image(s) could not be read", err=True)
         sys.exit(3)
+    if fail_on_anomaly and anomalous:
+        sys.exit(1)
 
 
 @cli.command("bench")
