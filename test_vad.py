@@ -159,12 +159,25 @@ def test_split_holdout_is_seeded_and_disjoint():
 # Primitives against references
 
 
-def test_gaussian_blur_matches_scipy():
+def test_blur_and_upsample_matrices_match_scipy_and_torch():
     maps = torch.rand(2, 40, 37, dtype=torch.float64)
-    ours = vad.gaussian_blur(maps, 4.0).numpy()
     for i in range(2):
+        ours = vad.blur_matrix(40, 4.0) @ maps[i] @ vad.blur_matrix(37, 4.0).T
         ref = scipy.ndimage.gaussian_filter(maps[i].numpy(), 4.0, mode="mirror", truncate=4.0)
-        np.testing.assert_allclose(ours[i], ref, atol=1e-12)
+        np.testing.assert_allclose(ours.numpy(), ref, atol=1e-12)
+    small = torch.rand(3, 5, 7, dtype=torch.float64)
+    ours = vad.upsample_matrix(5, 20) @ small @ vad.upsample_matrix(7, 24).T
+    ref = torch.nn.functional.interpolate(small[:, None], size=(20, 24), mode="bilinear", align_corners=False)[:, 0]
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-12)
+
+
+def test_upsample_and_blur_is_interpolate_then_gaussian_filter():
+    patch = torch.rand(2, 16, 16)
+    ours = vad.upsample_and_blur(patch, 64, 4.0).numpy()
+    up = torch.nn.functional.interpolate(patch[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    for i in range(2):
+        ref = scipy.ndimage.gaussian_filter(up[i].double().numpy(), 4.0, mode="mirror", truncate=4.0)
+        np.testing.assert_allclose(ours[i], ref, atol=1e-5)
 
 
 def test_mahalanobis_matches_scipy():
@@ -197,6 +210,22 @@ def test_greedy_coreset_matches_naive_greedy():
     assert picks == naive_greedy(x.numpy(), 40, start=picks[0])
     assert len(set(picks)) == 40
     assert picks == vad.greedy_coreset(x, 40, projection_dim=0, seed=5).tolist()
+
+
+@pytest.mark.parametrize("frontier, batch", [(16, 5), (64, 1000), (5000, 3)])
+def test_greedy_kcenter_frontier_and_pruning_are_exact(frontier, batch):
+    """Small frontiers and batches force every path: frontier exhausted, periodic and
+    pruned refreshes; a frontier larger than the data means no refresh after the first."""
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(0, 1, (1000, 8)), rng.normal(5, 0.3, (500, 8))])  # uneven density
+    picks = vad.greedy_kcenter(x, 150, start=7, frontier=frontier, batch=batch)
+    assert picks.tolist() == naive_greedy(x, 150, start=7)
+
+
+def test_greedy_kcenter_edge_sizes():
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    assert sorted(vad.greedy_kcenter(x, 4, start=2).tolist()) == [0, 1, 2, 3]
+    assert vad.greedy_kcenter(x[:1], 1, start=0).tolist() == [0]
 
 
 def test_greedy_coreset_projection_is_seeded():

@@ -32,6 +32,7 @@ References:
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -520,19 +521,39 @@ def gaussian_kernel(sigma, truncate=4.0):
     return k / k.sum()
 
 
-def gaussian_blur(maps, sigma=BLUR_SIGMA):
-    """Blur maps (B, H, W) with a separable Gaussian; borders mirror without repeating the
-    edge pixel (scipy.ndimage mode="mirror")."""
+def blur_matrix(n, sigma):
+    """(n, n) matrix G with G @ v = v blurred by a 1-D Gaussian, the borders mirrored
+    without repeating the edge sample (scipy.ndimage mode="mirror")."""
     if sigma <= 0:
-        return maps
-    B, H, W = maps.shape
-    k = gaussian_kernel(sigma).to(maps)
-    r = min(len(k) // 2, H - 1, W - 1)  # reflection cannot reach past the far edge
+        return torch.eye(n, dtype=torch.float64)
+    k = gaussian_kernel(sigma)
+    r = min(len(k) // 2, n - 1)  # a reflection cannot reach past the far edge
     k = k[len(k) // 2 - r: len(k) // 2 + r + 1]
-    x = F.pad(maps[:, None], (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1))
-    x = F.conv2d(x, k.view(1, 1, -1, 1))
-    return x[:, 0]
+    columns = F.pad(torch.eye(n, dtype=torch.float64)[:, None], (r, r), mode="reflect")  # (n, 1, n + 2r)
+    return F.conv1d(columns, k.view(1, 1, -1))[:, 0].T  # blur of each unit vector = a column of G
+
+
+def upsample_matrix(n, size):
+    """(size, n) matrix U with U @ v = v linearly resized to `size` samples (half-pixel
+    centers, torch's align_corners=False): one axis of bilinear upsampling."""
+    eye = torch.eye(n, dtype=torch.float64)[:, None]  # (n, 1, n)
+    return F.interpolate(eye, size=size, mode="linear", align_corners=False)[:, 0].T
+
+
+@functools.lru_cache(maxsize=16)
+def _postprocess_matrix(n, size, sigma, device, dtype):
+    return (blur_matrix(size, sigma) @ upsample_matrix(n, size)).to(device, dtype)
+
+
+def upsample_and_blur(patch_maps, size, sigma=BLUR_SIGMA):
+    """Patch scores (B, h, w) -> anomaly maps (B, size, size): bilinear upsampling, then a
+    Gaussian blur, as both PaDiM and PatchCore post-process. Both steps are separable and
+    linear, so the whole thing is A_h @ map @ A_w^T with A = blur @ upsample, two small
+    matrix products instead of a 33-tap convolution over every output pixel."""
+    B, h, w = patch_maps.shape
+    A_h = _postprocess_matrix(h, size, float(sigma), patch_maps.device, patch_maps.dtype)
+    A_w = _postprocess_matrix(w, size, float(sigma), patch_maps.device, patch_maps.dtype)
+    return A_h @ patch_maps @ A_w.T
 
 
 def greedy_coreset(features, n, projection_dim=128, seed=0):
@@ -547,16 +568,73 @@ def greedy_coreset(features, n, projection_dim=128, seed=0):
     if projection_dim and D > projection_dim:
         P = torch.randn(D, projection_dim, generator=g, dtype=features.dtype) / math.sqrt(projection_dim)
         x = features @ P.to(features.device)  # (N, k)
-    sq = (x * x).sum(1)  # (N,)
-    min_d = torch.full((N,), float("inf"), dtype=x.dtype, device=x.device)
-    picks = torch.empty(n, dtype=torch.long)
-    pick = int(torch.randint(N, (1,), generator=g))
+    start = int(torch.randint(N, (1,), generator=g))
+    # Centering changes no distance but shrinks the norms, so |a|^2 - 2ab + |b|^2 cancels less.
+    x = (x - x.mean(0)).cpu().numpy()
+    return torch.from_numpy(greedy_kcenter(x, n, start))
+
+
+def greedy_kcenter(x, n, start, frontier=2048, batch=200):
+    """Exact greedy k-center on the rows of x (N, r), numpy: picks[0] = start, then each
+    pick is the row with the largest squared distance to its nearest earlier pick.
+
+    The plain algorithm streams all N rows once per pick. Here the running minima of all
+    rows are brought up to date only every `batch` picks, by matrix products with those
+    picks, and only for rows that the triangle inequality cannot rule out (a row can come
+    closer to pick q only if q lies within twice its current distance of its nearest
+    pick). In between, the `frontier` rows with the largest, possibly stale, minima are
+    updated after every pick. Minima only shrink, so a stale value bounds a row from
+    above: while the best frontier row beats every bound outside the frontier it is the
+    true farthest row. The picks are the plain algorithm's, up to floating-point ties.
+    (numpy, not torch: this loop is latency-bound and numpy's small ops are far cheaper.)
+    """
+    N = len(x)
+    n = min(n, N)
+    sq = np.einsum("ij,ij->i", x, x)
+    mind = np.full(N, np.inf, dtype=x.dtype)  # squared distance to the nearest applied pick
+    near = np.zeros(N, dtype=np.int64)  # that pick's position in `picks`
+    picks = np.empty(n, dtype=np.int64)
+    done, front, p = 0, None, start  # picks[:done] are applied to every row
     for i in progress(range(n), n, "coreset"):
-        picks[i] = pick
-        d = sq - 2 * (x @ x[pick]) + sq[pick]  # squared distances to the newest center
-        torch.minimum(min_d, d, out=min_d)
-        pick = int(min_d.argmax())
+        picks[i] = p
+        if front is not None:  # keep the frontier exact
+            d = f_sq - 2 * (f_x @ x[p]) + sq[p]
+            closer = d < f_mind
+            f_mind[closer], f_near[closer] = d[closer], i
+            j = int(f_mind.argmax())
+        if front is None or f_mind[j] < bound or i + 1 - done >= batch:
+            if front is not None:
+                mind[front], near[front] = f_mind, f_near
+            _apply_picks(x, sq, mind, near, picks, done, i + 1)
+            done = i + 1
+            k = min(frontier, N)
+            order = np.argpartition(mind, N - k - 1) if k < N else np.arange(N)  # order[N-k-1] in place
+            front, bound = order[N - k:], (mind[order[N - k - 1]] if k < N else -np.inf)
+            f_x, f_sq, f_mind, f_near = x[front], sq[front], mind[front], near[front]  # copies
+            j = int(f_mind.argmax())
+        p = int(front[j])
     return picks
+
+
+def _apply_picks(x, sq, mind, near, picks, done, upto, chunk=4096):
+    """Lower mind/near of every row that picks[done:upto] can bring closer (in place)."""
+    new = picks[done:upto]
+    P, p_sq = -2 * x[new].T, sq[new]  # (r, m), (m,)
+    if done == 0:
+        rows = np.arange(len(x))
+    else:
+        old = picks[:done]
+        to_new = (sq[old][:, None] + x[old] @ P + p_sq).min(1)  # squared distance of each old pick to the nearest new one
+        to_new = np.r_[to_new, np.full(len(new), np.inf, dtype=x.dtype)]  # rows already nearest a new pick are exact
+        # triangle inequality with a margin for rounding: the margin only adds rows
+        rows = np.flatnonzero(to_new[near] < 4 * (1 + 1e-3) * mind + 1e-6 * sq.mean())
+    for a in range(0, len(rows), chunk):
+        r = rows[a: a + chunk]
+        d = x[r] @ P + p_sq  # (c, m): squared distance minus |x_r|^2
+        k = d.argmin(1)
+        d = d[np.arange(len(r)), k] + sq[r]
+        closer = d < mind[r]
+        mind[r[closer]], near[r[closer]] = d[closer], done + k[closer]
 
 
 def nearest_neighbors(queries, bank, k=1):
@@ -588,12 +666,6 @@ def mahalanobis(x, mean, cholesky):
     z = torch.linalg.solve_triangular(cholesky, x - mean[..., None], upper=False)  # (P, d, B)
     return z.square().sum(1).sqrt()
 
-
-def upsample_and_blur(patch_maps, size, sigma=BLUR_SIGMA):
-    """Patch scores (B, h, w) -> anomaly maps (B, size, size): bilinear upsampling, then
-    a Gaussian blur, as both PaDiM and PatchCore post-process."""
-    maps = F.interpolate(patch_maps[:, None], size=(size, size), mode="bilinear", align_corners=False)
-    return gaussian_blur(maps[:, 0], sigma)
 
 # -----------------------------------------------------------------------------
 # Detectors
