@@ -9,9 +9,14 @@ dataset and no GPU, and finishes in well under two minutes on two cores. The mat
 checked against independent references (scipy, naive loops, hand-computed cases).
 """
 
+import base64
+import concurrent.futures
+import io
 import json
 import pickle
+import threading
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -797,6 +802,90 @@ def test_contract_exit_codes_and_fail_on_anomaly(model_file, dataset):
     assert cli("score", model_file, *defects, "-q").exit_code == 0
     help_text = cli("score", "--help").stdout
     assert "Exit status" in help_text and "--fail-on-anomaly" in help_text
+
+
+# -----------------------------------------------------------------------------
+# serve: the inspection page and JSON endpoint on a loopback port
+
+
+@pytest.fixture
+def server(fitted):
+    srv = vad.InspectionServer({"tiles-padim": fitted["padim"], "tiles-patchcore": fitted["patchcore"]},
+                               ("127.0.0.1", 0), max_bytes=200_000, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def http(url, data=None, headers=None):
+    """(status, decoded JSON or text) of a request; errors are answers, not exceptions."""
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            status, body, kind = r.status, r.read(), r.headers["Content-Type"]
+    except urllib.error.HTTPError as e:
+        status, body, kind = e.code, e.read(), e.headers["Content-Type"]
+    return status, (json.loads(body) if kind == "application/json" else body.decode())
+
+
+def test_serve_page_health_and_models(server, fitted):
+    status, page = http(server + "/")
+    assert status == 200 and "<script>" in page and 'fetch("/models")' in page
+    assert "src=" not in page.replace('$("overlay").src', "") and "https://" not in page  # self-contained
+    assert http(server + "/health") == (200, {"status": "ok", "models": 2})
+    status, models = http(server + "/models")
+    assert status == 200 and [m["name"] for m in models] == ["tiles-padim", "tiles-patchcore"]
+    assert models[0] == {"name": "tiles-padim", "detector": "padim", "backbone": "resnet18", "image_size": SIZE,
+                         "threshold": float(fitted["padim"].threshold)}
+
+
+def test_serve_scores_raw_png_and_multipart(server, fitted, dataset):
+    path = vad.read_dataset(dataset).test[-1]
+    expected, maps = fitted["patchcore"].score(vad.read_image(path, SIZE)[None])
+    status, result = http(server + "/score?model=tiles-patchcore&overlay=1", path.read_bytes())
+    assert status == 200 and result["score"] == pytest.approx(float(expected[0]), rel=1e-6)
+    assert result["threshold"] == float(fitted["patchcore"].threshold)
+    assert result["verdict"] == ("anomalous" if result["score"] > result["threshold"] else "ok")
+    header, encoded = result["overlay"].split(",", 1)
+    assert header == "data:image/png;base64"
+    assert Image.open(io.BytesIO(base64.b64decode(encoded))).size == (SIZE, SIZE)
+
+    boundary = "vadtestboundary"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"part.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    status, result2 = http(server + "/score?model=tiles-patchcore", form,
+                           {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200 and result2["score"] == result["score"] and "overlay" not in result2
+
+
+def test_serve_errors(server, dataset):
+    status, result = http(server + "/score?model=tiles-padim", b"this is not an image")
+    assert status == 400 and "cannot read image" in result["error"]
+    status, result = http(server + "/score?model=tiles-padim", b"x" * 300_000)
+    assert status == 413 and "limit" in result["error"]
+    status, result = http(server + "/score?model=nope", vad.read_dataset(dataset).test[0].read_bytes())
+    assert status == 404 and "tiles-padim" in result["error"]
+    assert http(server + "/nowhere")[0] == 404
+    assert http(server + "/health")[0] == 200  # still serving
+
+
+def test_serve_concurrent_requests(server, fitted, dataset):
+    paths = (vad.read_dataset(dataset).test * 2)[:20]
+    expected = {p: float(fitted["padim"].score(vad.read_image(p, SIZE)[None])[0][0]) for p in set(paths)}
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda p: http(server + "/score?model=tiles-padim", p.read_bytes()), paths))
+    assert all(status == 200 for status, _ in answers)
+    for p, (_, result) in zip(paths, answers):
+        assert result["score"] == pytest.approx(expected[p], rel=1e-6)
+
+
+def test_cli_serve_refuses_duplicate_names(fitted, tmp_path):
+    for folder in ("a", "b"):
+        vad.save(fitted["padim"], tmp_path / folder / "m.pt")
+    r = cli("serve", tmp_path / "a" / "m.pt", tmp_path / "b" / "m.pt")
+    assert r.exit_code == 2 and "two models named 'm'" in r.stderr
 
 
 # -----------------------------------------------------------------------------

@@ -31,17 +31,24 @@ References:
                 Unsupervised Anomaly Detection", CVPR 2019 (data layout, AUPRO)
 """
 
+import base64
 import dataclasses
+import email.parser
+import email.policy
 import functools
 import hashlib
+import http.server
+import io
 import json
 import math
 import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 import typing
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,12 +199,14 @@ def list_images(folder):
     return images
 
 
-def _open(path):
-    """Decode an image file, refusing absurd sizes before any pixel is decoded."""
+def _open(source):
+    """Decode an image (a path, or a file's bytes), refusing absurd sizes before any pixel
+    is decoded."""
+    path = "(uploaded bytes)" if isinstance(source, (bytes, bytearray)) else source
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit
-            image = Image.open(path)
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         w, h = image.size
         if w * h > MAX_PIXELS:
             raise VadError(f"cannot read image {path}: {w}x{h} pixels is over vad's limit of "
@@ -209,7 +218,7 @@ def _open(path):
 
 
 def read_image(path, size):
-    """Image file -> float tensor (3, size, size) in [0, 1].
+    """Image file (or its bytes) -> float tensor (3, size, size) in [0, 1].
 
     Grey, palette, RGBA, CMYK and 16-bit images all become RGB. 16-bit grey images
     ("I;16", or "I" as Pillow opens some 16-bit PNGs) are scaled from 0..65535, the same
@@ -1263,6 +1272,205 @@ def overlay(image, anomaly_map, low, pixel_threshold):
     return out.astype(np.uint8)
 
 # -----------------------------------------------------------------------------
+# Serving: the report's upload-and-inspect page (ch. 6) and a JSON endpoint, standard library only
+
+MAX_UPLOAD_BYTES = 20 * 2**20  # per request; larger bodies get 413
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vad: inspect an image</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font: 15px system-ui, sans-serif; margin: 2rem auto; max-width: 900px; padding: 0 1rem; color: #222; }
+h1 { font-size: 1.4rem; }
+#drop { display: block; margin-top: 1rem; border: 2px dashed #999; border-radius: 8px; padding: 2rem;
+        text-align: center; cursor: pointer; }
+#drop.over { background: #eef3ff; border-color: #36c; }
+#result { display: flex; gap: 2rem; margin-top: 1.5rem; align-items: flex-start; flex-wrap: wrap; }
+#overlay { width: 384px; max-width: 100%; border: 1px solid #ccc; }
+td { padding: .2rem .8rem .2rem 0; }
+.ok { color: #17702f; font-weight: bold; } .anomalous { color: #b00020; font-weight: bold; }
+#error { color: #b00020; } #info { color: #666; }
+</style></head><body>
+<h1>vad: inspect an image</h1>
+<p><label>Model <select id="model"></select></label> <span id="info"></span></p>
+<label id="drop">Drop an image here, or click to choose a file
+<input id="file" type="file" accept="image/*" hidden></label>
+<p id="error"></p>
+<div id="result" hidden>
+<img id="overlay" alt="the image with its anomaly map; the predicted defect outlined in white">
+<table>
+<tr><td>image</td><td id="name"></td></tr>
+<tr><td>score</td><td id="score"></td></tr>
+<tr><td>threshold</td><td id="threshold"></td></tr>
+<tr><td>verdict</td><td id="verdict"></td></tr>
+</table></div>
+<script>
+const $ = id => document.getElementById(id);
+let models = [];
+function showInfo() {
+  const m = models.find(m => m.name === $("model").value);
+  $("info").textContent = m ? `${m.detector}, ${m.backbone}, ${m.image_size} px` : "";
+}
+fetch("/models").then(r => r.json()).then(list => {
+  models = list;
+  for (const m of list) $("model").append(new Option(m.name, m.name));
+  showInfo();
+});
+$("model").onchange = showInfo;
+async function inspect(file) {
+  $("error").textContent = "";
+  const url = "/score?overlay=1&model=" + encodeURIComponent($("model").value);
+  try {
+    const r = await fetch(url, {method: "POST", body: file});
+    const j = await r.json();
+    if (!r.ok) throw new Error(j.error);
+    $("overlay").src = j.overlay;
+    $("name").textContent = file.name;
+    $("score").textContent = j.score.toFixed(4);
+    $("threshold").textContent = j.threshold.toFixed(4);
+    $("verdict").textContent = j.verdict;
+    $("verdict").className = j.verdict;
+    $("result").hidden = false;
+  } catch (e) {
+    $("error").textContent = e.message;
+    $("result").hidden = true;
+  }
+}
+$("file").onchange = e => e.target.files[0] && inspect(e.target.files[0]);
+const drop = $("drop");
+drop.ondragover = e => { e.preventDefault(); drop.classList.add("over"); };
+drop.ondragleave = () => drop.classList.remove("over");
+drop.ondrop = e => {
+  e.preventDefault(); drop.classList.remove("over");
+  if (e.dataTransfer.files[0]) inspect(e.dataTransfer.files[0]);
+};
+</script></body></html>
+"""
+
+
+def describe(name, detector):
+    return {"name": name, "detector": detector.name, "backbone": detector.config.backbone,
+            "image_size": detector.image_size, "threshold": float(detector.threshold)}
+
+
+def png_data_url(rgb):
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _multipart_file(body, content_type):
+    """The first file (or field named image/file) of a multipart/form-data body, or None."""
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        return None
+    for part in message.iter_parts():
+        if part.get_filename() or part.get_param("name", header="content-disposition") in ("image", "file"):
+            return part.get_payload(decode=True)
+    return None
+
+
+class InspectionServer(http.server.ThreadingHTTPServer):
+    """Threaded HTTP server holding the loaded models. Inference is serialized by one
+    lock: torch already spreads one forward pass over every core."""
+    daemon_threads = True
+
+    def __init__(self, models, address=("127.0.0.1", 8000), max_bytes=MAX_UPLOAD_BYTES, quiet=False):
+        self.models, self.max_bytes, self.quiet = dict(models), max_bytes, quiet
+        self.lock = threading.Lock()
+        super().__init__(address, InspectionHandler)
+
+    def inspect(self, name, data, with_overlay=False):
+        """Score image bytes with model `name` -> the JSON-ready result."""
+        detector = self.models[name]
+        image = read_image(data, detector.image_size)
+        with self.lock, torch.no_grad():
+            scores, maps = detector.score(image[None].to(detector.device))
+        score, threshold = float(scores[0]), float(detector.threshold)
+        result = {"model": name, "score": score, "threshold": threshold,
+                  "verdict": "anomalous" if score > threshold else "ok"}
+        if with_overlay:
+            rgb = overlay(image, maps[0].float().cpu().numpy(), float(detector.map_low), float(detector.pixel_threshold))
+            result["overlay"] = png_data_url(rgb)
+        return result
+
+
+class InspectionHandler(http.server.BaseHTTPRequestHandler):
+    server_version = f"vad/{__version__}"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    def _send(self, status, body, content_type):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status, obj):
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def do_GET(self):
+        path = urllib.parse.urlsplit(self.path).path
+        if path == "/":
+            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+        elif path == "/health":
+            self._json(200, {"status": "ok", "models": len(self.server.models)})
+        elif path == "/models":
+            self._json(200, [describe(name, d) for name, d in self.server.models.items()])
+        elif path == "/favicon.ico":
+            self._send(204, b"", "image/x-icon")
+        else:
+            self._json(404, {"error": f"no page {path}: try /, /models, /health or POST /score"})
+
+    def do_POST(self):
+        try:
+            self._score()
+        except Exception as e:  # a bug must not take the server down: answer and go on
+            self.close_connection = True
+            self._json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+
+    def _score(self):
+        url = urllib.parse.urlsplit(self.path)
+        query = urllib.parse.parse_qs(url.query)
+        models = self.server.models
+        if url.path != "/score":
+            return self._json(404, {"error": f"no endpoint {url.path}: POST image bytes to /score?model=NAME"})
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            return self._json(411, {"error": "send the image with a Content-Length header"})
+        length = int(length)
+        if length > self.server.max_bytes:
+            if length <= 8 * self.server.max_bytes:  # drain it, so the client reads our answer
+                for _ in range(0, length, 2**20):
+                    self.rfile.read(min(2**20, length))
+                    length -= 2**20
+            self.close_connection = True
+            return self._json(413, {"error": f"body over the {self.server.max_bytes} byte limit"})
+        body = self.rfile.read(length)
+        name = query.get("model", [next(iter(models)) if len(models) == 1 else ""])[0]
+        if name not in models:
+            return self._json(404, {"error": f"unknown model {name!r}; models: {', '.join(models)}"})
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.startswith("multipart/form-data"):
+            body = _multipart_file(body, content_type)
+            if body is None:
+                return self._json(400, {"error": "no file in the multipart form"})
+        with_overlay = query.get("overlay", ["0"])[0].lower() in ("1", "true", "yes")
+        try:
+            result = self.server.inspect(name, body, with_overlay)
+        except VadError as e:
+            return self._json(400, {"error": str(e)})
+        self._json(200, result)
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 
@@ -1469,6 +1677,48 @@ def bench_command(models, data, more_data, json_file, backbone, weights, image_s
     click.echo(bench_table(results))
     if json_file:
         atomic_write(json_file, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+
+
+@cli.command("serve")
+@click.argument("model_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-bytes", type=click.IntRange(1), default=MAX_UPLOAD_BYTES, show_default=True,
+              help="Largest request body accepted; larger ones get 413.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No request log on stderr.")
+def serve_command(model_files, host, port, max_bytes, device, quiet):
+    """Serve an upload-and-inspect page and a JSON endpoint for fitted models.
+
+    \b
+      GET  /                       the page: pick a model, drop an image, see the verdict and map
+      POST /score?model=NAME       raw image bytes or multipart form data -> JSON score,
+                                   threshold, verdict (add &overlay=1 for a PNG data URL)
+      GET  /models, GET /health
+
+    A model's NAME is its file name without .pt.
+
+    \b
+      python vad.py serve bottle-padim.pt screw-patchcore.pt --port 8000
+      curl --data-binary @part.png 'http://127.0.0.1:8000/score?model=bottle-padim'
+    """
+    _verbosity(quiet)
+    models = {}
+    for path in model_files:
+        if path.stem in models:
+            raise CliError(f"two models named {path.stem!r}: rename one file")
+        models[path.stem] = run_api(load, path, device)
+    try:
+        server = InspectionServer(models, (host, port), max_bytes, quiet)
+    except OSError as e:
+        raise CliError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    click.echo(f"serving {', '.join(models)} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 if __name__ == "__main__":
