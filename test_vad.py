@@ -31,7 +31,8 @@ from PIL import Image
 import vad
 
 SIZE = 64  # image size for the detector tests: small enough to be fast on 2 cores
-FAST = {"padim": ["d=40"], "patchcore": []}  # detector settings for tiny images
+FAST = {"padim": ["d=40"], "patchcore": [], "efficientad": ["epochs=3", "augment_pool=2"],
+        "autoencoder": ["epochs=10"]}  # detector settings for tiny images and short training
 
 # -----------------------------------------------------------------------------
 # Utilities: tiny synthetic data
@@ -301,6 +302,74 @@ def test_classification_and_f1_max_against_brute_force():
 
 def test_calibrate_rule():
     assert vad.calibrate([1.0, 2.0, 4.0]) == pytest.approx(4.0 + 0.1 * (4.0 - 2.0))
+
+def reference_ssim(x, y):
+    """SSIM map of two (H, W) arrays with scipy's Gaussian filter (Wang et al. 2004)."""
+    def filt(z):
+        return scipy.ndimage.gaussian_filter(z, 1.5, mode="mirror", truncate=5 / 1.5)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mx, my = filt(x), filt(y)
+    vx, vy, cxy = filt(x * x) - mx ** 2, filt(y * y) - my ** 2, filt(x * y) - mx * my
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+
+
+def test_ssim_map_matches_scipy_reference():
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 3, 24, 30))
+    y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
+    ours = vad.ssim_map(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    for b in range(2):
+        ref = np.mean([reference_ssim(x[b, c], y[b, c]) for c in range(3)], 0)
+        np.testing.assert_allclose(ours[b], ref, atol=1e-6)
+    assert torch.allclose(vad.ssim_map(torch.from_numpy(x), torch.from_numpy(x)), torch.ones(2, 24, 30, dtype=torch.float64))
+
+
+def test_augment_is_seeded_and_exact_where_it_can_be():
+    x = torch.rand(6, 3, 16, 16)
+    a = vad.augment(x, torch.Generator().manual_seed(1), rotate=10, flip=True, jitter=0.1)
+    assert torch.equal(a, vad.augment(x, torch.Generator().manual_seed(1), rotate=10, flip=True, jitter=0.1))
+    assert a.min() >= 0 and a.max() <= 1 and a.shape == x.shape
+    assert torch.equal(vad.augment(x, torch.Generator().manual_seed(1)), x)  # nothing asked, nothing done
+    flipped = vad.augment(x, torch.Generator().manual_seed(2), flip=True)
+    for i in range(6):  # each image is one of its four flips, exactly
+        assert any(torch.equal(flipped[i], x[i].flip(dims)) if dims else torch.equal(flipped[i], x[i])
+                   for dims in [(), (2,), (1,), (1, 2)])
+
+
+def test_hard_feature_loss_counts_only_the_top_errors():
+    det = vad.EfficientAD(vad.EfficientADConfig(backbone="resnet18", hard_quantile=0.9), SIZE, weights="none")
+    g = torch.Generator().manual_seed(0)
+    t, p = [torch.randn(2, 4, 5, 5, generator=g)], [torch.randn(2, 4, 5, 5, generator=g)]
+    e = ((t[0] - p[0]) ** 2).flatten().numpy()
+    kth = np.sort(e)[int(np.ceil(0.9 * e.size)) - 1]
+    assert float(det.loss(t, p)) == pytest.approx(e[e >= kth].mean(), rel=1e-6)
+    det.config.hard_quantile = 0.0
+    assert float(det.loss(t, p)) == pytest.approx(e.mean(), rel=1e-6)
+
+
+def test_efficientad_teacher_normalization_from_training_images(fitted, dataset):
+    det = fitted["efficientad"]
+    fit_idx, _ = vad.split_holdout(20, 0.1, 0)
+    images = torch.stack([vad.read_image(vad.read_dataset(dataset).train[i], SIZE) for i in fit_idx])
+    images = (images * 255).round() / 255  # the training images are kept as bytes
+    for f, m, s in zip(det.teacher(images), det.teacher_mean.split(det.teacher.channels),
+                       det.teacher_std.split(det.teacher.channels)):
+        f = f.double().transpose(0, 1).flatten(1).numpy()  # (C, N*h*w)
+        np.testing.assert_allclose(m.numpy(), f.mean(1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(s.numpy(), f.std(1), rtol=1e-4, atol=1e-5)
+
+
+def test_epochs_option_reaches_the_trained_detectors(dataset, tmp_path):
+    r = cli("fit", "--model", "autoencoder", "--data", dataset, "--out", tmp_path / "ae.pt", "--epochs", 2, *TINY)
+    assert r.exit_code == 0, r.output
+    assert torch.load(tmp_path / "ae.pt", weights_only=True)["config"]["epochs"] == 2
+    r = cli("bench", "--model", "padim", "--model", "autoencoder", "--data", dataset, "--epochs", 1, *TINY,
+            "-s", "padim.d=30", "-s", "top_k=5")
+    assert r.exit_code == 0, r.output
+    assert "| tiles | autoencoder | - |" in r.stdout
+    r = cli("bench", "--model", "padim", "--data", dataset, *TINY, "-s", "top_k=5")
+    assert r.exit_code == 2 and "no such setting for padim" in r.stderr
+
 
 # -----------------------------------------------------------------------------
 # Detectors (every registered one)

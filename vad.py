@@ -5,13 +5,17 @@ defect-free examples. One file, one fitted model per `.pt`, no network at scorin
 A detector is fitted on normal images of one part or surface. It then gives every new
 image a score (higher is more anomalous), a verdict against a threshold calibrated on
 held-out normal images, and an anomaly map at the model's input resolution that
-localizes the defect.
+localizes the defect. Four detectors: PaDiM and PatchCore (pretrained features, no
+training), EfficientAD (a student network distilled from a pretrained teacher) and a
+convolutional autoencoder (no pretraining at all).
 
 Usage:
     python vad.py fit --model padim --data mvtec/bottle            # -> bottle-padim.pt
     python vad.py score bottle-padim.pt images/*.png               # path, score, verdict
     find images -name '*.png' | python vad.py score bottle-padim.pt - --json
     python vad.py bench --model padim --model patchcore --data mvtec/bottle
+    python vad.py fit --model efficientad --data mvtec/bottle --epochs 30
+    python vad.py serve bottle-padim.pt                            # browser page + JSON API
 
 Python API:
     import vad
@@ -21,6 +25,8 @@ Python API:
     image_scores, anomaly_maps = model.score(images)  # images: (B, 3, H, W) in [0, 1]
 
 References:
+    SSIM        Wang et al., "Image Quality Assessment: From Error Visibility to
+                Structural Similarity", IEEE TIP 2004
     PatchCore   Roth et al., "Towards Total Recall in Industrial Anomaly Detection",
                 CVPR 2022, arXiv:2106.08265
     PaDiM       Defard et al., "PaDiM: a Patch Distribution Modeling Framework for
@@ -98,11 +104,12 @@ def warn(message):
     click.echo(f"warning: {message}", err=True)
 
 
-def progress(iterable, total=None, desc=""):
-    """Yield from `iterable`, drawing a progress bar with time left on stderr.
+def progress(iterable, total=None, desc="", status=None):
+    """Yield from `iterable`, drawing a progress bar with time left on stderr; `status`,
+    a function, adds a live note such as the current loss.
 
-    On a terminal the bar redraws in place; elsewhere (logs, CI) one summary line is
-    written when the step ends, so captured stderr stays readable.
+    On a terminal the bar redraws in place; elsewhere (logs, CI) a line is written every
+    30 s and one when the step ends, so captured stderr stays readable.
     """
     if not VERBOSE:
         yield from iterable
@@ -111,20 +118,27 @@ def progress(iterable, total=None, desc=""):
     live = sys.stderr.isatty()
     start = last = time.perf_counter()
     i = 0
+
+    def line(now):
+        left = f"<{(now - start) / i * (total - i):.0f}s" if total and i else ""
+        count = f"{i}/{total}" if total else f"{i}"
+        return f"{desc}: {count} [{now - start:.0f}s{left}]" + (f" {status()}" if status else "")
+
     for i, item in enumerate(iterable, 1):
         yield item
         now = time.perf_counter()
         if live and (now - last > 0.2 or i == total):
             last = now
-            left = (now - start) / i * (total - i) if total else 0
-            bar = f"{i}/{total} [{now - start:.0f}s<{left:.0f}s]" if total else f"{i} [{now - start:.0f}s]"
-            sys.stderr.write(f"\r{desc}: {bar}  ")
+            sys.stderr.write(f"\r{line(now)}  ")
             sys.stderr.flush()
-    elapsed = time.perf_counter() - start
+        elif not live and now - last > 30:
+            last = now
+            sys.stderr.write(line(now) + "\n")
+    now = time.perf_counter()
     if live:
         sys.stderr.write("\n")
-    elif elapsed > 2:
-        sys.stderr.write(f"{desc}: {i} in {elapsed:.1f}s\n")
+    elif now - start > 2:
+        sys.stderr.write(line(now) + "\n")
 
 
 def pick_device(device="auto"):
@@ -474,11 +488,13 @@ class FeatureExtractor(nn.Module):
     normalization built in: it takes images in [0, 1] and returns the tapped maps.
 
     weights: "imagenet", "none" (random init, seeded by the caller), a state-dict path,
-    or "empty" (no init at all: the weights come next from a vad model file).
+    or "empty" (no init at all: the weights come next from a vad model file). A frozen
+    extractor (the default) never trains; EfficientAD's student is one that does.
     """
 
-    def __init__(self, name, layers, weights="imagenet"):
+    def __init__(self, name, layers, weights="imagenet", frozen=True):
         super().__init__()
+        self.frozen = frozen
         if name not in BACKBONES:
             raise VadError(f"unknown backbone {name!r}: choose from {', '.join(BACKBONES)}")
         if weights == "empty":
@@ -498,7 +514,7 @@ class FeatureExtractor(nn.Module):
             self.stages.to_empty(device="cpu")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        self.requires_grad_(False)
+        self.requires_grad_(not frozen)
         self.eval()
 
     @property
@@ -506,7 +522,7 @@ class FeatureExtractor(nn.Module):
         return [BACKBONES[self.name][i - 1] for i in self.layers]
 
     def train(self, mode=True):
-        return super().train(False)  # frozen: batch norm keeps its ImageNet statistics
+        return super().train(mode and not self.frozen)  # frozen: batch norm keeps its ImageNet statistics
 
     def forward(self, images):
         """images (B, 3, H, W) in [0, 1] -> list of maps (B, C_l, H/s_l, W/s_l), one per layer."""
@@ -677,6 +693,79 @@ def mahalanobis(x, mean, cholesky):
 
 
 # -----------------------------------------------------------------------------
+# Training primitives (EfficientAD, autoencoder)
+
+
+def gaussian_window(size=11, sigma=1.5):
+    """The SSIM paper's 11x11 Gaussian window (sigma 1.5), as a (1, 1, 11, 11) kernel."""
+    k = gaussian_kernel(sigma, truncate=(size // 2) / sigma)
+    return (k[:, None] * k[None, :]).float()[None, None]
+
+
+def ssim_map(x, y, data_range=1.0):
+    """Per-pixel SSIM of images x, y (B, C, H, W) (Wang et al. 2004: 11x11 Gaussian
+    window, sigma 1.5, K1 = 0.01, K2 = 0.03), averaged over channels -> (B, H, W).
+    Borders are mirrored (scipy.ndimage mode="mirror")."""
+    B, C, H, W = x.shape
+    w = gaussian_window().to(x).expand(C, 1, -1, -1)
+    r = w.shape[-1] // 2
+
+    def filt(z):
+        return F.conv2d(F.pad(z, (r, r, r, r), mode="reflect"), w, groups=C)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = filt(x), filt(y)
+    vx, vy, cxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean(1)
+
+
+def augment(images, g, rotate=0.0, flip=False, jitter=0.0):
+    """Seeded random augmentation of a batch (B, 3, H, W) in [0, 1]: rotation by up to
+    `rotate` degrees (borders mirrored), horizontal and vertical flips, and brightness,
+    contrast and saturation each scaled by a factor in [1 - jitter, 1 + jitter]."""
+    B = len(images)
+    x = images
+    if rotate:
+        angle = (torch.rand(B, generator=g) * 2 - 1) * math.radians(rotate)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(B)], 1),
+                             torch.stack([sin, cos, torch.zeros(B)], 1)], 1).to(x)
+        grid = F.affine_grid(theta, x.shape, align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if flip:
+        h, v = torch.rand(B, generator=g) < 0.5, torch.rand(B, generator=g) < 0.5
+        x = torch.where(h.view(B, 1, 1, 1).to(x.device), x.flip(3), x)
+        x = torch.where(v.view(B, 1, 1, 1).to(x.device), x.flip(2), x)
+    if jitter:
+        b, c, s = (1 + (torch.rand(3, B, 1, 1, 1, generator=g) * 2 - 1) * jitter).to(x)
+        x = x * b
+        x = (x - x.mean((1, 2, 3), keepdim=True)) * c + x.mean((1, 2, 3), keepdim=True)
+        grey = x.mean(1, keepdim=True)
+        x = (x - grey) * s + grey
+    return x.clamp(0, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16():
+    """AMX or AVX512-BF16: the CPUs on which bf16 matrix work is several times faster."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def train_autocast(device):
+    """bf16 autocast for training steps where the hardware runs it fast (AMX/AVX512-BF16
+    CPUs, Ampere+ GPUs); weights and optimizer state stay fp32."""
+    enabled = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def top_k_mean(maps, k):
+    """Mean of the k largest values of each map (B, H, W) -> (B,); k = 1 is the maximum."""
+    return maps.flatten(1).topk(min(k, maps[0].numel()), dim=1).values.mean(1)
+
+
+# -----------------------------------------------------------------------------
 # Detectors
 
 
@@ -700,6 +789,10 @@ class Detector(nn.Module):
     def fit(self, batches, seed=0):
         """Fit on an iterable of normal image batches (B, 3, H, W) in [0, 1]."""
         raise NotImplementedError
+
+    def calibrate(self, batches):
+        """Map statistics from held-out normal image batches, for detectors that fuse or
+        normalize maps; called after fit and before the threshold is set."""
 
     def score(self, images):
         """images (B, 3, H, W) in [0, 1] -> (image_scores (B,), anomaly_maps (B, H, W))."""
@@ -888,7 +981,273 @@ class PatchCore(Detector):
         return weight * s_star, maps
 
 
-DETECTORS = {cls.name: cls for cls in (PaDiM, PatchCore)}
+@dataclass
+class EfficientADConfig:
+    backbone: str = "wide_resnet50_2"  # the frozen teacher
+    layers: tuple = (1, 2, 3)  # the report's three scales (sec. 4.3.1)
+    student_weights: str = "none"  # ResNet-18 student: random init as in EfficientAD, or "imagenet"/PATH
+    epochs: int = 30  # the report trains 100; see the README for what fewer costs
+    lr: float = 1e-3  # Adam, divided by 10 after lr_drop of the epochs (report: 80 of 100)
+    lr_drop: float = 0.8
+    batch_size: int = 8
+    hard_quantile: float = 0.0  # 0: plain MSE (report); 0.999: EfficientAD's hard-feature loss
+    augment_pool: int = 4  # versions of each image (the first unaugmented) with cached teacher targets
+    rotate: float = 10.0  # augmentation: degrees, flips, colour jitter (report sec. 4.3.3)
+    flip: bool = True
+    jitter: float = 0.1
+    fusion: str = "normalized"  # each scale standardized before the sum (measured best on bottle); raw: plain sum
+    image_score: str = "max"  # max, or topk: the mean of the top_k map values
+    top_k: int = 100
+    blur_sigma: float = BLUR_SIGMA
+
+    def __post_init__(self):
+        self.layers = check_layers(self.layers)
+        if self.epochs < 1 or self.batch_size < 1 or self.augment_pool < 1 or self.top_k < 1:
+            raise ValueError("epochs, batch_size, augment_pool and top_k must be >= 1")
+        if not 0 <= self.hard_quantile < 1 or not 0 < self.lr_drop <= 1:
+            raise ValueError("hard_quantile must be in [0, 1) and lr_drop in (0, 1]")
+        if self.fusion not in ("raw", "normalized") or self.image_score not in ("max", "topk"):
+            raise ValueError("fusion must be raw or normalized, image_score max or topk")
+
+
+class EfficientAD(Detector):
+    """Multi-scale student-teacher distillation, as the report builds EfficientAD (its
+    sec. 4.3; Batzner et al., arXiv:2303.14535). A ResNet-18 student, through 1x1 linear
+    adapters, learns to reproduce the frozen pretrained teacher's normalized features at
+    three scales on normal images only; where it fails, the image is anomalous. The map
+    fuses the per-scale squared errors. Deviation from the original EfficientAD: no
+    autoencoder branch and a ResNet student, as in the report."""
+    name = "efficientad"
+    Config = EfficientADConfig
+
+    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, image_size)
+        self.teacher = FeatureExtractor(config.backbone, config.layers, weights)
+        student_weights = "empty" if weights == "empty" else config.student_weights
+        self.student = FeatureExtractor("resnet18", config.layers, student_weights, frozen=False)
+        self.adapters = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(self.student.channels, self.teacher.channels))
+        C = sum(self.teacher.channels)
+        self.register_buffer("teacher_mean", torch.zeros(C))  # per channel, over the training images
+        self.register_buffer("teacher_std", torch.ones(C))
+        self.register_buffer("map_mean", torch.zeros(len(config.layers)))  # per scale, held-out images
+        self.register_buffer("map_std", torch.ones(len(config.layers)))
+
+    def targets(self, images):
+        """Normalized teacher features, one (B, C_l, h_l, w_l) per scale."""
+        features = self.teacher(images)
+        means = self.teacher_mean.split(self.teacher.channels)
+        stds = self.teacher_std.split(self.teacher.channels)
+        return [(f - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1) for f, m, s in zip(features, means, stds)]
+
+    def predictions(self, images):
+        return [adapt(f) for adapt, f in zip(self.adapters, self.student(images))]
+
+    def loss(self, targets, predictions):
+        """Sum over scales of the mean squared error (report eq. 4.4); with hard_quantile q,
+        only errors above their q-quantile count (EfficientAD's hard-feature loss)."""
+        total = 0
+        for t, p in zip(targets, predictions):
+            e = (t.float() - p.float()).square()
+            if self.config.hard_quantile:
+                flat = e.flatten()
+                # torch.quantile is limited to 16M elements; kthvalue gives the same order statistic
+                k = max(1, int(math.ceil(self.config.hard_quantile * flat.numel())))
+                e = flat[flat >= flat.kthvalue(k).values]
+            total = total + e.mean()
+        return total
+
+    def fit(self, batches, seed=0):
+        cfg = self.config
+        g = torch.Generator().manual_seed(seed)
+        images = torch.cat([(b * 255).round().to(torch.uint8) for b in batches])  # (N, 3, H, W), kept as bytes
+        N = len(images)
+        # Teacher statistics per channel (of each scale) from the plain training images.
+        stats = [[0.0, 0.0, 0] for _ in cfg.layers]
+        with torch.no_grad():
+            for a in range(0, N, cfg.batch_size):
+                for st, f in zip(stats, self.teacher(images[a: a + cfg.batch_size].to(self.device).float() / 255)):
+                    st[0] += f.double().sum((0, 2, 3))
+                    st[1] += f.double().square().sum((0, 2, 3))
+                    st[2] += f.shape[0] * f.shape[2] * f.shape[3]
+        mean = torch.cat([s1 / n for s1, _, n in stats])
+        self.teacher_mean = mean.float()
+        self.teacher_std = (torch.cat([s2 / n for _, s2, n in stats]) - mean ** 2).clamp_min(1e-12).sqrt().float()
+        # A pool of augmented versions whose teacher targets are computed once, not every epoch.
+        pool, targets = [], [[] for _ in cfg.layers]
+        with torch.no_grad():
+            for v in progress(range(cfg.augment_pool), cfg.augment_pool, "teacher"):
+                for a in range(0, N, cfg.batch_size):
+                    x = images[a: a + cfg.batch_size].float() / 255
+                    if v:
+                        x = augment(x, g, cfg.rotate, cfg.flip, cfg.jitter)
+                    pool.append((x * 255).round().to(torch.uint8))
+                    for store, t in zip(targets, self.targets(x.to(self.device))):
+                        store.append(t.to(torch.bfloat16))
+        pool = torch.cat(pool).view(cfg.augment_pool, N, *images.shape[1:])
+        targets = [torch.cat(t).view(cfg.augment_pool, N, *t[0].shape[1:]) for t in targets]
+        # Train student and adapters (Adam; lr / 10 after lr_drop of the epochs).
+        params = list(self.student.parameters()) + list(self.adapters.parameters())
+        optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        drop = max(1, round(cfg.lr_drop * cfg.epochs))
+        self.student.train()
+        self.student.to(memory_format=torch.channels_last)  # measured 1.5x faster training steps on CPU
+        last = [float("nan")]
+        for epoch in progress(range(cfg.epochs), cfg.epochs, "train", lambda: f"loss {last[0]:.4f}"):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr if epoch < drop else cfg.lr / 10
+            order, version = torch.randperm(N, generator=g), torch.randint(cfg.augment_pool, (N,), generator=g)
+            total = 0.0
+            for a in range(0, N, cfg.batch_size):
+                i, v = order[a: a + cfg.batch_size], version[order[a: a + cfg.batch_size]]
+                x = (pool[v, i].to(self.device).float() / 255).contiguous(memory_format=torch.channels_last)
+                with train_autocast(self.device):
+                    loss = self.loss([t[v, i].to(self.device) for t in targets], self.predictions(x))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(i)
+            last[0] = total / N
+        self.student.eval()
+        self.student.to(memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def scale_maps(self, images):
+        """Per-scale squared errors, channel-averaged, upsampled and blurred -> (B, L, H, W)."""
+        maps = [(t - p).square().mean(1) for t, p in zip(self.targets(images), self.predictions(images))]
+        return torch.stack([upsample_and_blur(m, self.image_size, self.config.blur_sigma) for m in maps], 1)
+
+    @torch.no_grad()
+    def calibrate(self, batches):
+        maps = torch.cat([self.scale_maps(b.to(self.device)) for b in batches])  # (N, L, H, W)
+        self.map_mean = maps.mean((0, 2, 3))
+        self.map_std = maps.std((0, 2, 3)).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def score(self, images):
+        maps = self.scale_maps(images.to(self.device))
+        if self.config.fusion == "normalized":  # report sec. 4.3.4: standardize each scale before fusing
+            maps = (maps - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
+        maps = maps.sum(1)
+        k = self.config.top_k if self.config.image_score == "topk" else 1
+        return top_k_mean(maps, k), maps
+
+
+@dataclass
+class AutoencoderConfig:
+    widths: tuple = (32, 64, 128, 256, 256)  # encoder convolutions, each halving the resolution
+    latent: int = 16  # bottleneck channels at 1/32 of the input size (8 x 8 at 256 px)
+    epochs: int = 60  # measured on bottle: 30 clearly worse, 100 no better (README)
+    lr: float = 1e-3
+    batch_size: int = 8
+    ssim_loss: float = 0.5  # loss = (1 - w) MSE + w (1 - SSIM), the report's 0.5 / 0.5
+    ssim_map: float = 0.9  # map = (1 - w) squared error + w (1 - SSIM map), each standardized; SSIM-heavy measured best
+    rotate: float = 0.0  # augmentation during training (degrees, flips, colour jitter)
+    flip: bool = False
+    jitter: float = 0.0
+    image_score: str = "topk"  # max, or topk: the mean of the top_k map values
+    top_k: int = 100
+    blur_sigma: float = BLUR_SIGMA
+
+    def __post_init__(self):
+        self.widths = tuple(self.widths)
+        if not self.widths or min(self.widths) < 1 or self.latent < 1:
+            raise ValueError("widths and latent must be positive channel counts")
+        if self.epochs < 1 or self.batch_size < 1 or self.top_k < 1:
+            raise ValueError("epochs, batch_size and top_k must be >= 1")
+        if not 0 <= self.ssim_loss <= 1 or not 0 <= self.ssim_map <= 1:
+            raise ValueError("ssim_loss and ssim_map must be in [0, 1]")
+        if self.image_score not in ("max", "topk"):
+            raise ValueError("image_score must be max or topk")
+
+
+class Autoencoder(Detector):
+    """Symmetric convolutional autoencoder (the report's SCAE, its sec. 4.4), trained from
+    scratch on normal images with 0.5 MSE + 0.5 (1 - SSIM). It learns to squeeze normal
+    images through a narrow bottleneck and back; a defect does not come back, so the map
+    combines the reconstruction's squared error with its (1 - SSIM) map."""
+    name = "autoencoder"
+    Config = AutoencoderConfig
+
+    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, image_size)
+        if image_size % 2 ** len(config.widths):
+            raise ValueError(f"image size {image_size} must be a multiple of {2 ** len(config.widths)} "
+                             f"for {len(config.widths)} halvings")
+
+        def block(conv, c_out):
+            return [conv, nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        encoder, c = [], 3
+        for w in config.widths:  # 4x4 stride-2 convolutions: each halves the resolution
+            encoder += block(nn.Conv2d(c, w, 4, 2, 1), w)
+            c = w
+        encoder += [nn.Conv2d(c, config.latent, 1)]  # the bottleneck
+        decoder = block(nn.Conv2d(config.latent, c, 1), c)
+        for w in config.widths[-2::-1]:  # the mirror image
+            decoder += block(nn.ConvTranspose2d(c, w, 4, 2, 1), w)
+            c = w
+        decoder += [nn.ConvTranspose2d(c, 3, 4, 2, 1), nn.Sigmoid()]
+        self.encoder, self.decoder = nn.Sequential(*encoder), nn.Sequential(*decoder)
+        self.register_buffer("map_mean", torch.zeros(2))  # squared error, 1 - SSIM: held-out images
+        self.register_buffer("map_std", torch.ones(2))
+        self.eval()
+
+    def forward(self, images):
+        return self.decoder(self.encoder(images))
+
+    def loss(self, images, reconstructions):
+        w = self.config.ssim_loss
+        mse = (images - reconstructions).square().mean()
+        return (1 - w) * mse + w * (1 - ssim_map(images, reconstructions).mean())
+
+    def fit(self, batches, seed=0):
+        cfg = self.config
+        g = torch.Generator().manual_seed(seed)
+        images = torch.cat([(b * 255).round().to(torch.uint8) for b in batches])
+        N = len(images)
+        optimizer = torch.optim.Adam(self.parameters(), lr=cfg.lr)
+        self.train()
+        self.to(memory_format=torch.channels_last)
+        last = [float("nan")]
+        for _ in progress(range(cfg.epochs), cfg.epochs, "train", lambda: f"loss {last[0]:.4f}"):
+            order, total = torch.randperm(N, generator=g), 0.0
+            for a in range(0, N, cfg.batch_size):
+                x = images[order[a: a + cfg.batch_size]].to(self.device).float() / 255
+                x = augment(x, g, cfg.rotate, cfg.flip, cfg.jitter).contiguous(memory_format=torch.channels_last)
+                with train_autocast(self.device):
+                    y = self(x)
+                loss = self.loss(x, y.float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(x)
+            last[0] = total / N
+        self.eval()
+        self.to(memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def component_maps(self, images):
+        """(B, 2, H, W): per-pixel squared error (channel mean) and 1 - SSIM, blurred."""
+        y = self(images)
+        maps = [(images - y).square().mean(1), 1 - ssim_map(images, y)]
+        return torch.stack([upsample_and_blur(m, self.image_size, self.config.blur_sigma) for m in maps], 1)
+
+    @torch.no_grad()
+    def calibrate(self, batches):
+        maps = torch.cat([self.component_maps(b.to(self.device)) for b in batches])
+        self.map_mean = maps.mean((0, 2, 3))
+        self.map_std = maps.std((0, 2, 3)).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def score(self, images):
+        maps = self.component_maps(images.to(self.device))
+        z = (maps - self.map_mean.view(1, 2, 1, 1)) / self.map_std.view(1, 2, 1, 1)
+        w = self.config.ssim_map
+        maps = (1 - w) * z[:, 0] + w * z[:, 1]
+        k = self.config.top_k if self.config.image_score == "topk" else 1
+        return top_k_mean(maps, k), maps
+
+
+DETECTORS = {cls.name: cls for cls in (PaDiM, PatchCore, EfficientAD, Autoencoder)}
 
 
 def make_config(model, settings=None, **common):
@@ -898,10 +1257,10 @@ def make_config(model, settings=None, **common):
         raise VadError(f"unknown model {model!r}: choose from {', '.join(DETECTORS)}")
     cls = DETECTORS[model].Config
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in common.items() if v is not None}
+    values = {k: v for k, v in common.items() if v is not None and k in fields}  # e.g. no backbone for the autoencoder
     for item in settings or ():
         key, sep, text = item.partition("=")
-        key = key.strip()
+        key = key.strip().removeprefix(f"{model}.")
         if not sep or key not in fields:
             raise VadError(f"-s {item}: {model} settings are {', '.join(f'{k}=' for k in fields)}")
         values[key] = _parse_value(key, text.strip(), fields[key].default)
@@ -909,6 +1268,28 @@ def make_config(model, settings=None, **common):
         return cls(**values)
     except (ValueError, TypeError) as e:
         raise VadError(f"{model} settings: {e}") from None
+
+
+def model_settings(model, settings):
+    """The `-s` items for `model` when several models share one command line: those
+    written MODEL.KEY=VALUE for it, and plain KEY=VALUE ones whose key it has."""
+    fields = {f.name for f in dataclasses.fields(DETECTORS[model].Config)}
+    mine = []
+    for item in settings or ():
+        key = item.partition("=")[0].strip()
+        prefix, dot, _ = key.partition(".")
+        if (dot and prefix == model) or (not dot and key in fields):
+            mine.append(item)
+    return mine
+
+
+def check_settings(models, settings):
+    """Every `-s` item must concern at least one of `models` (else a VadError naming the keys)."""
+    for item in settings or ():
+        if not any(model_settings(m, [item]) for m in models):
+            keys = sorted({f.name for m in models for f in dataclasses.fields(DETECTORS[m].Config)})
+            raise VadError(f"-s {item}: no such setting for {', '.join(models)}; settings are "
+                           f"{', '.join(k + '=' for k in keys)} (MODEL.KEY=VALUE targets one model)")
 
 
 def _parse_value(key, text, default):
@@ -1121,10 +1502,11 @@ def score_batches(detector, batches):
 
 def fit(data, model="patchcore", *, backbone="wide_resnet50_2", weights="imagenet",
         image_size=DEFAULT_IMAGE_SIZE, device="auto", seed=0, holdout=0.1, settings=None,
-        batch_size=BATCH_SIZE):
+        batch_size=BATCH_SIZE, epochs=None):
     """Fit `model` on the normal images of `data` (an MVTec category folder, a folder of
-    images, or a list of image paths) and calibrate its threshold on a held-out part."""
-    config = make_config(model, settings, backbone=backbone)
+    images, or a list of image paths) and calibrate its threshold on a held-out part.
+    `epochs` sets the training length of the detectors that train."""
+    config = make_config(model, settings, backbone=backbone, epochs=epochs)
     paths = list(data) if isinstance(data, (list, tuple)) else read_dataset(data).train
     if not 0 <= holdout < 1:
         raise VadError(f"--holdout {holdout}: must be in [0, 1)")
@@ -1140,9 +1522,11 @@ def fit(data, model="patchcore", *, backbone="wide_resnet50_2", weights="imagene
         except ValueError as e:
             raise VadError(f"{model} settings: {e}") from None
     note(f"fit {model} on {len(fit_idx)} images, {len(held_idx)} held out for the threshold "
-         f"({config.backbone}, weights {weights}, {image_size} px, {detector.device})")
+         f"({getattr(config, 'backbone', 'no backbone')}, weights {weights}, {image_size} px, {detector.device})")
     detector.fit(load_images([paths[i] for i in fit_idx], image_size, batch_size, "features"), seed)
-    scores, maps = score_batches(detector, load_images([paths[i] for i in held_idx], image_size, batch_size, "threshold"))
+    held_out = [paths[i] for i in held_idx]
+    detector.calibrate(load_images(held_out, image_size, batch_size, "calibrate"))
+    scores, maps = score_batches(detector, load_images(held_out, image_size, batch_size, "threshold"))
     detector.threshold.fill_(calibrate(scores))
     detector.pixel_threshold.fill_(calibrate(maps.max((1, 2))))
     detector.map_low.fill_(float(np.median(maps)))
@@ -1206,9 +1590,11 @@ def evaluate(detector, dataset, batch_size=BATCH_SIZE):
 
 
 def bench(data_dirs=None, models=("padim", "patchcore"), *, backbone="wide_resnet50_2", weights="imagenet",
-          image_size=DEFAULT_IMAGE_SIZE, device="auto", seed=0, holdout=0.1, settings=None, batch_size=BATCH_SIZE):
+          image_size=DEFAULT_IMAGE_SIZE, device="auto", seed=0, holdout=0.1, settings=None, batch_size=BATCH_SIZE,
+          epochs=None):
     """Fit every model on every category's train/good and evaluate it on test/.
     Returns a list of result dicts (metrics, fit seconds, score ms/image, peak memory)."""
+    check_settings(models, settings)
     results = []
     for root in data_dirs or synthetic_data():
         dataset = read_dataset(root)
@@ -1216,10 +1602,12 @@ def bench(data_dirs=None, models=("padim", "patchcore"), *, backbone="wide_resne
             with PeakMemory() as memory:
                 start = time.perf_counter()
                 detector = fit(dataset.train, model, backbone=backbone, weights=weights, image_size=image_size,
-                               device=device, seed=seed, holdout=holdout, settings=settings, batch_size=batch_size)
+                               device=device, seed=seed, holdout=holdout, settings=model_settings(model, settings),
+                               batch_size=batch_size, epochs=epochs)
                 fit_seconds = time.perf_counter() - start
                 metrics = evaluate(detector, dataset, batch_size)
-            results.append({"category": dataset.name, "model": model, "backbone": detector.config.backbone,
+            results.append({"category": dataset.name, "model": model,
+                            "backbone": getattr(detector.config, "backbone", "-"),
                             "weights": str(weights), "image_size": image_size, "train_images": len(dataset.train),
                             "test_images": len(dataset.test), **metrics, "fit_seconds": fit_seconds,
                             "peak_mb": memory.peak / 2**20})
@@ -1500,6 +1888,8 @@ def common_options(f):
         click.option("--holdout", type=float, default=0.1, show_default=True,
                      help="Fraction of normal training images kept out to calibrate the threshold."),
         click.option("--batch-size", type=click.IntRange(1), default=BATCH_SIZE, show_default=True),
+        click.option("--epochs", type=click.IntRange(1), help="Training epochs of the detectors that train "
+                     "(efficientad, autoencoder) [default: their own]."),
         click.option("-s", "--set", "settings", multiple=True, metavar="KEY=VALUE",
                      help="Detector setting, repeatable (e.g. -s coreset_ratio=0.01); see the README."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes on stderr."),
@@ -1532,7 +1922,8 @@ def cli():
               "[default: the embedded synthetic 'surface' set].")
 @click.option("--out", type=click.Path(path_type=Path), help="Model file [default: <category>-<model>.pt].")
 @common_options
-def fit_command(model, data, out, backbone, weights, image_size, device, seed, holdout, batch_size, settings, quiet):
+def fit_command(model, data, out, backbone, weights, image_size, device, seed, holdout, batch_size, epochs, settings,
+                quiet):
     """Fit a detector on normal images and write one .pt model file.
 
     \b
@@ -1546,7 +1937,7 @@ def fit_command(model, data, out, backbone, weights, image_size, device, seed, h
     out = out or Path(f"{Path(data).resolve().name}-{model}.pt")
     start = time.perf_counter()
     detector = run_api(fit, data, model, backbone=backbone, weights=weights, image_size=image_size, device=device,
-                       seed=seed, holdout=holdout, settings=settings, batch_size=batch_size)
+                       seed=seed, holdout=holdout, settings=settings, batch_size=batch_size, epochs=epochs)
     run_api(save, detector, out, detector.info)
     note(f"fitted in {time.perf_counter() - start:.1f}s, threshold {float(detector.threshold):.4g}")
     click.echo(str(out))
@@ -1637,14 +2028,14 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, fail_on_anomaly, 
 
 @cli.command("bench")
 @click.option("--model", "models", multiple=True, type=click.Choice(list(DETECTORS)),
-              help="Detector to benchmark, repeatable [default: all].")
+              help="Detector to benchmark, repeatable [default: padim and patchcore, which need no training].")
 @click.option("--data", "data", multiple=True, type=click.Path(path_type=Path),
               help="MVTec AD category folder, repeatable [default: the embedded synthetic set].")
 @click.argument("more_data", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--json", "json_file", type=click.Path(path_type=Path), help="Also write the results as JSON here.")
 @common_options
 def bench_command(models, data, more_data, json_file, backbone, weights, image_size, device, seed, holdout,
-                  batch_size, settings, quiet):
+                  batch_size, epochs, settings, quiet):
     """Fit on train/good and evaluate on test/ of each category: prints a markdown table
     with image and pixel AUROC, AUPRO, precision/recall/F1/accuracy at the calibrated
     threshold, F1-max (an oracle: it peeks at test labels), fit time, score time and
@@ -1668,9 +2059,9 @@ def bench_command(models, data, more_data, json_file, backbone, weights, image_s
             weights = "none"
     if not dirs:
         note("no --data: benchmarking the embedded synthetic set (a smoke test, not a benchmark)")
-    results = run_api(bench, dirs or None, models or tuple(DETECTORS), backbone=backbone, weights=weights,
+    results = run_api(bench, dirs or None, models or ("padim", "patchcore"), backbone=backbone, weights=weights,
                       image_size=image_size, device=device, seed=seed, holdout=holdout, settings=settings,
-                      batch_size=batch_size)
+                      batch_size=batch_size, epochs=epochs)
     label = {"none": "random init (NOT pretrained)", "imagenet": "torchvision ImageNet"}.get(weights, weights)
     source = ", ".join(map(str, dirs)) if dirs else "the embedded synthetic set (a smoke test, not a benchmark)"
     click.echo(f"data: {source}\nweights: {label}; image size {image_size}; seed {seed}; vad {__version__}\n")
