@@ -1061,19 +1061,10 @@ class EfficientAD(Detector):
         g = torch.Generator().manual_seed(seed)
         images = torch.cat([(b * 255).round().to(torch.uint8) for b in batches])  # (N, 3, H, W), kept as bytes
         N = len(images)
-        # Teacher statistics per channel (of each scale) from the plain training images.
-        stats = [[0.0, 0.0, 0] for _ in cfg.layers]
-        with torch.no_grad():
-            for a in range(0, N, cfg.batch_size):
-                for st, f in zip(stats, self.teacher(images[a: a + cfg.batch_size].to(self.device).float() / 255)):
-                    st[0] += f.double().sum((0, 2, 3))
-                    st[1] += f.double().square().sum((0, 2, 3))
-                    st[2] += f.shape[0] * f.shape[2] * f.shape[3]
-        mean = torch.cat([s1 / n for s1, _, n in stats])
-        self.teacher_mean = mean.float()
-        self.teacher_std = (torch.cat([s2 / n for _, s2, n in stats]) - mean ** 2).clamp_min(1e-12).sqrt().float()
-        # A pool of augmented versions whose teacher targets are computed once, not every epoch.
-        pool, targets = [], [[] for _ in cfg.layers]
+        # One teacher pass over a pool of versions of each image (the first unaugmented):
+        # the targets are computed once, not every epoch; stored in bf16, normalized per
+        # channel with statistics of the unaugmented images when a batch is drawn.
+        pool, features, s1, s2 = [], [[] for _ in cfg.layers], 0, 0
         with torch.no_grad():
             for v in progress(range(cfg.augment_pool), cfg.augment_pool, "teacher"):
                 for a in range(0, N, cfg.batch_size):
@@ -1081,10 +1072,18 @@ class EfficientAD(Detector):
                     if v:
                         x = augment(x, g, cfg.rotate, cfg.flip, cfg.jitter)
                     pool.append((x * 255).round().to(torch.uint8))
-                    for store, t in zip(targets, self.targets(x.to(self.device))):
+                    f = self.teacher(x.to(self.device))
+                    for store, t in zip(features, f):
                         store.append(t.to(torch.bfloat16))
+                    if v == 0:  # per channel of each scale: sums over images and positions
+                        s1 = s1 + torch.cat([t.double().mean((2, 3)).sum(0) for t in f])
+                        s2 = s2 + torch.cat([t.double().square().mean((2, 3)).sum(0) for t in f])
+        self.teacher_mean = (s1 / N).float()
+        self.teacher_std = (s2 / N - (s1 / N) ** 2).clamp_min(1e-12).sqrt().float()
         pool = torch.cat(pool).view(cfg.augment_pool, N, *images.shape[1:])
-        targets = [torch.cat(t).view(cfg.augment_pool, N, *t[0].shape[1:]) for t in targets]
+        features = [torch.cat(f).view(cfg.augment_pool, N, *f[0].shape[1:]) for f in features]
+        means = [m.view(1, -1, 1, 1) for m in self.teacher_mean.split(self.teacher.channels)]
+        stds = [s.view(1, -1, 1, 1) for s in self.teacher_std.split(self.teacher.channels)]
         # Train student and adapters (Adam; lr / 10 after lr_drop of the epochs).
         params = list(self.student.parameters()) + list(self.adapters.parameters())
         optimizer = torch.optim.Adam(params, lr=cfg.lr)
@@ -1100,8 +1099,9 @@ class EfficientAD(Detector):
             for a in range(0, N, cfg.batch_size):
                 i, v = order[a: a + cfg.batch_size], version[order[a: a + cfg.batch_size]]
                 x = (pool[v, i].to(self.device).float() / 255).contiguous(memory_format=torch.channels_last)
+                targets = [(f[v, i].to(self.device).float() - m) / s for f, m, s in zip(features, means, stds)]
                 with train_autocast(self.device):
-                    loss = self.loss([t[v, i].to(self.device) for t in targets], self.predictions(x))
+                    loss = self.loss(targets, self.predictions(x))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
