@@ -1024,7 +1024,10 @@ class EfficientAD(Detector):
         super().__init__(config, image_size)
         self.teacher = FeatureExtractor(config.backbone, config.layers, weights)
         student_weights = "empty" if weights == "empty" else config.student_weights
-        self.student = FeatureExtractor("resnet18", config.layers, student_weights, frozen=False)
+        try:
+            self.student = FeatureExtractor("resnet18", config.layers, student_weights, frozen=False)
+        except VadError as e:
+            raise VadError(f"student: {e}".replace("--weights ", "-s student_weights=")) from None
         self.adapters = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(self.student.channels, self.teacher.channels))
         C = sum(self.teacher.channels)
         self.register_buffer("teacher_mean", torch.zeros(C))  # per channel, over the training images
@@ -1521,8 +1524,9 @@ def fit(data, model="patchcore", *, backbone="wide_resnet50_2", weights="imagene
             detector = DETECTORS[model](config, image_size, weights).to(pick_device(device))
         except ValueError as e:
             raise VadError(f"{model} settings: {e}") from None
+    source = f"{config.backbone}, weights {weights}" if hasattr(config, "backbone") else "no pretrained backbone"
     note(f"fit {model} on {len(fit_idx)} images, {len(held_idx)} held out for the threshold "
-         f"({getattr(config, 'backbone', 'no backbone')}, weights {weights}, {image_size} px, {detector.device})")
+         f"({source}, {image_size} px, {detector.device})")
     detector.fit(load_images([paths[i] for i in fit_idx], image_size, batch_size, "features"), seed)
     held_out = [paths[i] for i in held_idx]
     detector.calibrate(load_images(held_out, image_size, batch_size, "calibrate"))
