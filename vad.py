@@ -760,6 +760,25 @@ def train_autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def train(parameters, epochs, lr_at, steps):
+    """Adam over `epochs`, the rate set by lr_at(epoch) at each epoch's start.
+    steps(epoch) yields (loss, batch size) for each batch: its forward pass; the
+    backward pass and the update happen here. Shows the epoch, the mean loss and the time
+    left."""
+    optimizer = torch.optim.Adam(parameters, lr=lr_at(0))
+    last = [float("nan")]
+    for epoch in progress(range(epochs), epochs, "train", lambda: f"loss {last[0]:.4f}"):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch)
+        total = count = 0
+        for loss, size in steps(epoch):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + float(loss.detach()) * size, count + size
+        last[0] = total / count
+
+
 def top_k_mean(maps, k):
     """Mean of the k largest values of each map (B, H, W) -> (B,); k = 1 is the maximum."""
     return maps.flatten(1).topk(min(k, maps[0].numel()), dim=1).values.mean(1)
@@ -1087,29 +1106,21 @@ class EfficientAD(Detector):
         features = [torch.cat(f).view(cfg.augment_pool, N, *f[0].shape[1:]) for f in features]
         means = [m.view(1, -1, 1, 1) for m in self.teacher_mean.split(self.teacher.channels)]
         stds = [s.view(1, -1, 1, 1) for s in self.teacher_std.split(self.teacher.channels)]
-        # Train student and adapters (Adam; lr / 10 after lr_drop of the epochs).
-        params = list(self.student.parameters()) + list(self.adapters.parameters())
-        optimizer = torch.optim.Adam(params, lr=cfg.lr)
-        drop = max(1, round(cfg.lr_drop * cfg.epochs))
-        self.student.train()
-        self.student.to(memory_format=torch.channels_last)  # measured 1.5x faster training steps on CPU
-        last = [float("nan")]
-        for epoch in progress(range(cfg.epochs), cfg.epochs, "train", lambda: f"loss {last[0]:.4f}"):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr if epoch < drop else cfg.lr / 10
+        def steps(epoch):  # each image once per epoch, in a random one of its versions
             order, version = torch.randperm(N, generator=g), torch.randint(cfg.augment_pool, (N,), generator=g)
-            total = 0.0
             for a in range(0, N, cfg.batch_size):
                 i, v = order[a: a + cfg.batch_size], version[order[a: a + cfg.batch_size]]
                 x = (pool[v, i].to(self.device).float() / 255).contiguous(memory_format=torch.channels_last)
                 targets = [(f[v, i].to(self.device).float() - m) / s for f, m, s in zip(features, means, stds)]
                 with train_autocast(self.device):
-                    loss = self.loss(targets, self.predictions(x))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(i)
-            last[0] = total / N
+                    yield self.loss(targets, self.predictions(x)), len(i)
+
+        # Train student and adapters: lr / 10 after lr_drop of the epochs (report: 80 of 100).
+        drop = max(1, round(cfg.lr_drop * cfg.epochs))
+        self.student.train()
+        self.student.to(memory_format=torch.channels_last)  # measured 1.5x faster training steps on CPU
+        train(list(self.student.parameters()) + list(self.adapters.parameters()), cfg.epochs,
+              lambda epoch: cfg.lr if epoch < drop else cfg.lr / 10, steps)
         self.student.eval()
         self.student.to(memory_format=torch.contiguous_format)
 
@@ -1207,23 +1218,19 @@ class Autoencoder(Detector):
         g = torch.Generator().manual_seed(seed)
         images = torch.cat([(b * 255).round().to(torch.uint8) for b in batches])
         N = len(images)
-        optimizer = torch.optim.Adam(self.parameters(), lr=cfg.lr)
-        self.train()
-        self.to(memory_format=torch.channels_last)
-        last = [float("nan")]
-        for _ in progress(range(cfg.epochs), cfg.epochs, "train", lambda: f"loss {last[0]:.4f}"):
-            order, total = torch.randperm(N, generator=g), 0.0
+
+        def steps(epoch):
+            order = torch.randperm(N, generator=g)
             for a in range(0, N, cfg.batch_size):
                 x = images[order[a: a + cfg.batch_size]].to(self.device).float() / 255
                 x = augment(x, g, cfg.rotate, cfg.flip, cfg.jitter).contiguous(memory_format=torch.channels_last)
                 with train_autocast(self.device):
                     y = self(x)
-                loss = self.loss(x, y.float())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(x)
-            last[0] = total / N
+                yield self.loss(x, y.float()), len(x)  # SSIM in fp32
+
+        self.train()
+        self.to(memory_format=torch.channels_last)  # measured 1.75x faster training steps on CPU
+        train(self.parameters(), cfg.epochs, lambda epoch: cfg.lr, steps)
         self.eval()
         self.to(memory_format=torch.contiguous_format)
 
