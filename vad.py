@@ -1000,6 +1000,29 @@ class PatchCore(Detector):
         return weight * s_star, maps
 
 
+class FusedMapDetector(Detector):
+    """A detector whose map sums several component maps (B, K, H, W) from
+    component_maps(), each standardized with statistics of held-out normal images so
+    that components on different scales can be added."""
+
+    def __init__(self, config, image_size, components):
+        super().__init__(config, image_size)
+        self.register_buffer("map_mean", torch.zeros(components))  # per component, held-out images
+        self.register_buffer("map_std", torch.ones(components))
+
+    @torch.no_grad()
+    def calibrate(self, batches):
+        maps = torch.cat([self.component_maps(b.to(self.device)) for b in batches])  # (N, K, H, W)
+        self.map_mean = maps.mean((0, 2, 3))
+        self.map_std = maps.std((0, 2, 3)).clamp_min(1e-12)
+
+    def standardized(self, maps):
+        return (maps - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
+
+    def image_scores(self, maps):
+        return top_k_mean(maps, self.config.top_k if self.config.image_score == "topk" else 1)
+
+
 @dataclass
 class EfficientADConfig:
     backbone: str = "wide_resnet50_2"  # the frozen teacher
@@ -1029,7 +1052,7 @@ class EfficientADConfig:
             raise ValueError("fusion must be raw or normalized, image_score max or topk")
 
 
-class EfficientAD(Detector):
+class EfficientAD(FusedMapDetector):
     """Multi-scale student-teacher distillation, as the report builds EfficientAD (its
     sec. 4.3; Batzner et al., arXiv:2303.14535). A ResNet-18 student, through 1x1 linear
     adapters, learns to reproduce the frozen pretrained teacher's normalized features at
@@ -1040,7 +1063,7 @@ class EfficientAD(Detector):
     Config = EfficientADConfig
 
     def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
-        super().__init__(config, image_size)
+        super().__init__(config, image_size, components=len(config.layers))
         self.teacher = FeatureExtractor(config.backbone, config.layers, weights)
         student_weights = "empty" if weights == "empty" else config.student_weights
         try:
@@ -1051,15 +1074,15 @@ class EfficientAD(Detector):
         C = sum(self.teacher.channels)
         self.register_buffer("teacher_mean", torch.zeros(C))  # per channel, over the training images
         self.register_buffer("teacher_std", torch.ones(C))
-        self.register_buffer("map_mean", torch.zeros(len(config.layers)))  # per scale, held-out images
-        self.register_buffer("map_std", torch.ones(len(config.layers)))
 
-    def targets(self, images):
-        """Normalized teacher features, one (B, C_l, h_l, w_l) per scale."""
-        features = self.teacher(images)
+    def normalize(self, features):
+        """Teacher features, one (B, C_l, h_l, w_l) per scale, standardized per channel."""
         means = self.teacher_mean.split(self.teacher.channels)
         stds = self.teacher_std.split(self.teacher.channels)
-        return [(f - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1) for f, m, s in zip(features, means, stds)]
+        return [(f.float() - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1) for f, m, s in zip(features, means, stds)]
+
+    def targets(self, images):
+        return self.normalize(self.teacher(images))
 
     def predictions(self, images):
         return [adapt(f) for adapt, f in zip(self.adapters, self.student(images))]
@@ -1104,14 +1127,12 @@ class EfficientAD(Detector):
         self.teacher_std = (s2 / N - (s1 / N) ** 2).clamp_min(1e-12).sqrt().float()
         pool = torch.cat(pool).view(cfg.augment_pool, N, *images.shape[1:])
         features = [torch.cat(f).view(cfg.augment_pool, N, *f[0].shape[1:]) for f in features]
-        means = [m.view(1, -1, 1, 1) for m in self.teacher_mean.split(self.teacher.channels)]
-        stds = [s.view(1, -1, 1, 1) for s in self.teacher_std.split(self.teacher.channels)]
         def steps(epoch):  # each image once per epoch, in a random one of its versions
             order, version = torch.randperm(N, generator=g), torch.randint(cfg.augment_pool, (N,), generator=g)
             for a in range(0, N, cfg.batch_size):
                 i, v = order[a: a + cfg.batch_size], version[order[a: a + cfg.batch_size]]
                 x = (pool[v, i].to(self.device).float() / 255).contiguous(memory_format=torch.channels_last)
-                targets = [(f[v, i].to(self.device).float() - m) / s for f, m, s in zip(features, means, stds)]
+                targets = self.normalize([f[v, i].to(self.device) for f in features])
                 with train_autocast(self.device):
                     yield self.loss(targets, self.predictions(x)), len(i)
 
@@ -1125,25 +1146,18 @@ class EfficientAD(Detector):
         self.student.to(memory_format=torch.contiguous_format)
 
     @torch.no_grad()
-    def scale_maps(self, images):
+    def component_maps(self, images):
         """Per-scale squared errors, channel-averaged, upsampled and blurred -> (B, L, H, W)."""
         maps = [(t - p).square().mean(1) for t, p in zip(self.targets(images), self.predictions(images))]
         return torch.stack([upsample_and_blur(m, self.image_size, self.config.blur_sigma) for m in maps], 1)
 
     @torch.no_grad()
-    def calibrate(self, batches):
-        maps = torch.cat([self.scale_maps(b.to(self.device)) for b in batches])  # (N, L, H, W)
-        self.map_mean = maps.mean((0, 2, 3))
-        self.map_std = maps.std((0, 2, 3)).clamp_min(1e-12)
-
-    @torch.no_grad()
     def score(self, images):
-        maps = self.scale_maps(images.to(self.device))
+        maps = self.component_maps(images.to(self.device))
         if self.config.fusion == "normalized":  # report sec. 4.3.4: standardize each scale before fusing
-            maps = (maps - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
+            maps = self.standardized(maps)
         maps = maps.sum(1)
-        k = self.config.top_k if self.config.image_score == "topk" else 1
-        return top_k_mean(maps, k), maps
+        return self.image_scores(maps), maps
 
 
 @dataclass
@@ -1174,7 +1188,7 @@ class AutoencoderConfig:
             raise ValueError("image_score must be max or topk")
 
 
-class Autoencoder(Detector):
+class Autoencoder(FusedMapDetector):
     """Symmetric convolutional autoencoder (the report's SCAE, its sec. 4.4), trained from
     scratch on normal images with 0.5 MSE + 0.5 (1 - SSIM). It learns to squeeze normal
     images through a narrow bottleneck and back; a defect does not come back, so the map
@@ -1183,7 +1197,7 @@ class Autoencoder(Detector):
     Config = AutoencoderConfig
 
     def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
-        super().__init__(config, image_size)
+        super().__init__(config, image_size, components=2)  # squared error, 1 - SSIM
         if image_size % 2 ** len(config.widths):
             raise ValueError(f"image size {image_size} must be a multiple of {2 ** len(config.widths)} "
                              f"for {len(config.widths)} halvings")
@@ -1201,8 +1215,6 @@ class Autoencoder(Detector):
             c = w
         decoder += [nn.ConvTranspose2d(c, 3, 4, 2, 1), nn.Sigmoid()]
         self.encoder, self.decoder = nn.Sequential(*encoder), nn.Sequential(*decoder)
-        self.register_buffer("map_mean", torch.zeros(2))  # squared error, 1 - SSIM: held-out images
-        self.register_buffer("map_std", torch.ones(2))
         self.eval()
 
     def forward(self, images):
@@ -1242,19 +1254,11 @@ class Autoencoder(Detector):
         return torch.stack([upsample_and_blur(m, self.image_size, self.config.blur_sigma) for m in maps], 1)
 
     @torch.no_grad()
-    def calibrate(self, batches):
-        maps = torch.cat([self.component_maps(b.to(self.device)) for b in batches])
-        self.map_mean = maps.mean((0, 2, 3))
-        self.map_std = maps.std((0, 2, 3)).clamp_min(1e-12)
-
-    @torch.no_grad()
     def score(self, images):
-        maps = self.component_maps(images.to(self.device))
-        z = (maps - self.map_mean.view(1, 2, 1, 1)) / self.map_std.view(1, 2, 1, 1)
+        z = self.standardized(self.component_maps(images.to(self.device)))
         w = self.config.ssim_map
         maps = (1 - w) * z[:, 0] + w * z[:, 1]
-        k = self.config.top_k if self.config.image_score == "topk" else 1
-        return top_k_mean(maps, k), maps
+        return self.image_scores(maps), maps
 
 
 DETECTORS = {cls.name: cls for cls in (PaDiM, PatchCore, EfficientAD, Autoencoder)}
@@ -1535,9 +1539,9 @@ def fit(data, model="patchcore", *, backbone="wide_resnet50_2", weights="imagene
     note(f"fit {model} on {len(fit_idx)} images, {len(held_idx)} held out for the threshold "
          f"({source}, {image_size} px, {detector.device})")
     detector.fit(load_images([paths[i] for i in fit_idx], image_size, batch_size, "features"), seed)
-    held_out = [paths[i] for i in held_idx]
-    detector.calibrate(load_images(held_out, image_size, batch_size, "calibrate"))
-    scores, maps = score_batches(detector, load_images(held_out, image_size, batch_size, "threshold"))
+    held_out = list(load_images([paths[i] for i in held_idx], image_size, batch_size, "held-out"))
+    detector.calibrate(held_out)
+    scores, maps = score_batches(detector, held_out)
     detector.threshold.fill_(calibrate(scores))
     detector.pixel_threshold.fill_(calibrate(maps.max((1, 2))))
     detector.map_low.fill_(float(np.median(maps)))
