@@ -455,6 +455,16 @@ def _decoded(source):
     return image.convert("RGB"), None
 
 
+def _paste(canvas, x, top, left):
+    """Put x (..., h, w) into canvas (..., H, W) with its corner at (top, left), keeping
+    what falls inside (crop places it partly outside). Returns canvas."""
+    H, W = canvas.shape[-2:]
+    h, w = x.shape[-2:]
+    rows, cols = slice(max(top, 0), min(top + h, H)), slice(max(left, 0), min(left + w, W))
+    canvas[..., rows, cols] = x[..., rows.start - top: rows.stop - top, cols.start - left: cols.stop - left]
+    return canvas
+
+
 def read_framed(source, framing):
     """Image file or bytes -> (frame (3, H, W) float32 array in [0, 1], the image's own
     size (H0, W0)).
@@ -476,10 +486,7 @@ def read_framed(source, framing):
         image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) / scale, 0, 1), mode="F")
     x = _to_array(image)
     if (h, w, top, left) != (*frame, 0, 0):
-        canvas = _mean_canvas(*frame)
-        rows, cols = slice(max(top, 0), min(top + h, frame[0])), slice(max(left, 0), min(left + w, frame[1]))
-        canvas[:, rows, cols] = x[:, rows.start - top: rows.stop - top, cols.start - left: cols.stop - left]
-        x = canvas
+        x = _paste(_mean_canvas(*frame), x, top, left)
     return x, source_size
 
 
@@ -499,10 +506,7 @@ def read_mask(path, framing):
     frame = framing.size or mask.shape
     h, w, top, left = placement(mask.shape, frame, framing.resize)
     mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
-    out = np.zeros(frame, dtype=bool)
-    rows, cols = slice(max(top, 0), min(top + h, frame[0])), slice(max(left, 0), min(left + w, frame[1]))
-    out[rows, cols] = mask[rows.start - top: rows.stop - top, cols.start - left: cols.stop - left]
-    return torch.from_numpy(out)
+    return torch.from_numpy(_paste(np.zeros(frame, dtype=bool), mask, top, left))
 
 
 def map_to_source(anomaly_map, source, framing):
@@ -510,7 +514,7 @@ def map_to_source(anomaly_map, source, framing):
     (H0, W0), undoing the framing: NaN where crop cut the image away."""
     framing = as_framing(framing)
     frame = framing.size or source
-    if tuple(source) == tuple(frame) and framing.resize == "fit":
+    if tuple(source) == tuple(frame):  # every resize mode is the identity then
         return np.asarray(anomaly_map, dtype=np.float32)
     m = torch.as_tensor(anomaly_map, dtype=torch.float32)
     h, w, top, left = placement(source, frame, framing.resize)
