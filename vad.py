@@ -614,6 +614,8 @@ def read_frames(paths, framing):
                 yield i, None, None, None, None, str(e)
                 continue
             yield (i, x, source, *cut_tiles(x, framing), None)
+    if len(paths) == 1:
+        return frames()  # nothing to overlap with (one upload to serve)
     n = tiles_per_image(framing)
     ahead = max(2, math.ceil(BATCH_SIZE / n)) if n and framing.size else 2  # ~a batch, never many huge images
     return prefetch(frames(), ahead)
@@ -2297,6 +2299,7 @@ class InspectionServer(http.server.ThreadingHTTPServer):
     """Threaded HTTP server holding the loaded models. Inference is serialized by one
     lock: torch already spreads one forward pass over every core."""
     daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 overflows under a burst of uploads while the cores are busy
 
     def __init__(self, models, address=("127.0.0.1", 8000), max_bytes=MAX_UPLOAD_BYTES, quiet=False):
         self.models, self.max_bytes, self.quiet = dict(models), max_bytes, quiet
