@@ -168,6 +168,7 @@ HALF_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_bf16():
     """AMX or AVX512-BF16: bf16 matrix products in hardware (x86 Linux; False elsewhere)."""
     try:
@@ -434,7 +435,7 @@ def blend_window(tile):
 def _to_array(image):
     """A decoded Pillow image (RGB, or F in 0..1) -> float32 array (3, H, W) in [0, 1]."""
     if image.mode == "F":
-        grey = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+        grey = np.clip(np.asarray(image, dtype=np.float32), 0, 1)  # bilinear resizing can overshoot by rounding
         return np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape)))
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)).astype(np.float32) / 255
 
@@ -444,15 +445,15 @@ def _mean_canvas(height, width):
 
 
 def _decoded(source):
-    """Open and normalize the mode: RGB, or F for deep grey images (scaled later)."""
+    """Open and normalize the mode: RGB, or F in 0..1 for deep grey images (16-bit
+    scaled from 0..65535, float taken as 0..1)."""
     image = _open(source)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        return Image.fromarray(np.asarray(image, dtype=np.float32), mode="F"), 65535.0
-    if image.mode == "F":
-        return image, 1.0
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        scale = 1.0 if image.mode == "F" else 65535.0
+        return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) / scale, 0, 1), mode="F")
     if image.mode == "P" or image.mode == "LA":
         image = image.convert("RGBA")
-    return image.convert("RGB"), None
+    return image.convert("RGB")
 
 
 def _paste(canvas, x, top, left):
@@ -476,14 +477,12 @@ def read_framed(source, framing):
     into zeros: the same as the zero padding its convolutions already see at the edges.
     """
     framing = as_framing(framing)
-    image, scale = _decoded(source)
+    image = _decoded(source)
     source_size = (image.height, image.width)
     frame = framing.size or source_size
     h, w, top, left = placement(source_size, frame, framing.resize)
     if (h, w) != source_size:
         image = image.resize((w, h), Image.BILINEAR)
-    if scale is not None:
-        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) / scale, 0, 1), mode="F")
     x = _to_array(image)
     if (h, w, top, left) != (*frame, 0, 0):
         x = _paste(_mean_canvas(*frame), x, top, left)
@@ -532,10 +531,7 @@ def map_to_source(anomaly_map, source, framing):
 
 def read_source(source):
     """Image file or bytes -> (3, H0, W0) in [0, 1] at its own size (for heat maps)."""
-    image, scale = _decoded(source)
-    if scale is not None:
-        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) / scale, 0, 1), mode="F")
-    return torch.from_numpy(_to_array(image))
+    return torch.from_numpy(_to_array(_decoded(source)))
 
 
 @dataclass
@@ -585,9 +581,7 @@ def cut_tiles(frame, framing):
         return frame[None], [(0, 0)]
     T, (H, W) = framing.tile, frame.shape[1:]
     if H < T or W < T:
-        canvas = _mean_canvas(max(H, T), max(W, T))
-        canvas[:, :H, :W] = frame
-        frame = canvas
+        frame = _paste(_mean_canvas(max(H, T), max(W, T)), frame, 0, 0)
     offsets = [(y, x) for y in tile_starts(H, T, framing.overlap) for x in tile_starts(W, T, framing.overlap)]
     return np.stack([frame[:, y: y + T, x: x + T] for y, x in offsets]), offsets
 
@@ -1103,7 +1097,6 @@ def augment(images, g, rotate=0.0, flip=False, jitter=0.0):
     return x.clamp(0, 1)
 
 
-@functools.lru_cache(maxsize=None)
 def train_autocast(device):
     """bf16 autocast for training steps where the hardware runs it fast (AMX/AVX512-BF16
     CPUs, Ampere+ GPUs); weights and optimizer state stay fp32."""
