@@ -242,6 +242,16 @@ def test_greedy_coreset_projection_is_seeded():
     assert not torch.equal(a, vad.greedy_coreset(x, 20, projection_dim=8, seed=1))
 
 
+def test_greedy_coreset_of_parts_is_the_coreset_of_their_concatenation():
+    g = torch.Generator().manual_seed(5)
+    parts = [torch.randn(n, 40, generator=g) for n in (70, 1, 130)]
+    whole = vad.greedy_coreset(torch.cat(parts), 25, projection_dim=8, seed=3)
+    assert torch.equal(vad.greedy_coreset(parts, 25, projection_dim=8, seed=3), whole)
+    det = vad.PatchCore(vad.PatchCoreConfig(backbone="resnet18", coreset_ratio=0.1, projection_dim=8),
+                        image_size=SIZE, weights="none")
+    assert torch.equal(det.coreset(parts, seed=3), torch.cat(parts)[vad.greedy_coreset(torch.cat(parts), 21, 8, 3)])
+
+
 def test_nearest_neighbors_matches_cdist_in_small_chunks(monkeypatch):
     g = torch.Generator().manual_seed(3)
     q, bank = torch.randn(50, 7, generator=g, dtype=torch.float64), torch.randn(80, 7, generator=g, dtype=torch.float64)
@@ -257,31 +267,56 @@ def pairwise_auroc(scores, labels):
     return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
 
 
-def test_principal_axes_match_numpy_svd():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(300, 12)) * np.linspace(5, 0.1, 12) @ np.linalg.qr(rng.normal(size=(12, 12)))[0]
-    mean, axes = vad.principal_axes(torch.tensor(x, dtype=torch.float32), 4)
-    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
-    np.testing.assert_allclose(mean.numpy(), x.mean(0), atol=1e-5)
-    np.testing.assert_allclose(np.abs(axes.double().numpy().T @ vt[:4].T), np.eye(4), atol=1e-4)  # up to sign
+def clustered(rng, n, d, centres=6, spread=0.6):
+    """Rows around a few random centres: cells with real boundaries between them."""
+    c = rng.normal(0, 2, (centres, d))
+    return torch.tensor(c[rng.integers(0, centres, n)] + rng.normal(0, spread, (n, d)))
 
 
-def test_screened_search_is_exact_when_it_can_be():
-    rng = np.random.default_rng(1)
-    bank, queries = torch.randn(500, 24, dtype=torch.float64), torch.randn(70, 24, dtype=torch.float64)
+def test_voronoi_cells_put_every_row_in_its_nearest_centres_cell():
+    rng = np.random.default_rng(4)
+    bank = clustered(rng, 600, 10)
+    order, centres, starts, radii = vad.voronoi_cells(bank, 12, seed=1)
+    assert sorted(order.tolist()) == list(range(600)) and starts[0] == 0 and starts[-1] == 600
+    assert len(centres) == len(radii) == len(starts) - 1 <= 12 and bool((starts.diff() > 0).all())
+    cell = np.repeat(np.arange(len(centres)), starts.diff().numpy())
+    rows = bank[order].numpy()
+    to_centres = scipy.spatial.distance.cdist(rows, centres.numpy())
+    np.testing.assert_array_equal(to_centres.argmin(1), cell)
+    np.testing.assert_allclose(radii.numpy(), [to_centres[cell == j, j].max() for j in range(len(centres))],
+                               rtol=1e-6)
+    again = vad.voronoi_cells(bank, 12, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(again, (order, centres, starts, radii)))
+
+
+@pytest.mark.parametrize("probe, cells", [(1, 16), (2, 16), (3, 40), (100, 16), (1, 1)])
+def test_cell_search_is_the_exhaustive_search(monkeypatch, probe, cells):
+    rng = np.random.default_rng(probe + cells)
+    bank, queries = clustered(rng, 800, 12), clustered(rng, 300, 12, spread=1.5)
+    monkeypatch.setattr(vad, "CHUNK_BYTES", 16 * cells * 70)  # blocks of about 70 queries
+    order, centres, starts, radii = vad.voronoi_cells(bank, cells)
+    bank = bank[order]
     reference = scipy.spatial.distance.cdist(queries.numpy(), bank.numpy())
-    low_q, low_b = queries[:, :3], bank[:, :3]  # any projection: with every row a candidate, exact
-    d, i = vad.nearest_neighbors_screened(queries, bank, low_q, low_b, candidates=500)
+    if probe == 1 and cells > 1:  # the first visits alone would miss neighbours: the bounds must add cells
+        nearest_centre = scipy.spatial.distance.cdist(queries.numpy(), centres.numpy()).argmin(1)
+        cell = np.repeat(np.arange(len(centres)), starts.diff().numpy())
+        assert (cell[reference.argmin(1)] != nearest_centre).mean() > 0.05
+    d, i = vad.cell_search(queries, bank, centres, starts, radii, probe)
     np.testing.assert_array_equal(i[:, 0].numpy(), reference.argmin(1))
     np.testing.assert_allclose(d[:, 0].numpy(), reference.min(1), rtol=1e-12)
-    # rank-5 data on its own principal axes: projected distances are the true ones
-    basis = torch.tensor(np.linalg.qr(rng.normal(size=(24, 5)))[0])
-    bank, queries = torch.randn(500, 5, dtype=torch.float64) @ basis.T, torch.randn(70, 5, dtype=torch.float64) @ basis.T
-    mean, axes = vad.principal_axes(bank, 5)
-    d, i = vad.nearest_neighbors_screened(queries, bank, (queries - mean.double()) @ axes.double(),
-                                          (bank - mean.double()) @ axes.double(), candidates=2)
-    reference = scipy.spatial.distance.cdist(queries.numpy(), bank.numpy())
+
+
+def test_cell_search_fp32_agrees_with_fp64_on_centred_data():
+    rng = np.random.default_rng(9)
+    bank, queries = clustered(rng, 2000, 64) + 30, clustered(rng, 500, 64, spread=1.2) + 30  # far from 0
+    origin = bank.mean(0)
+    bank, queries = (bank - origin).float(), (queries - origin).float()
+    order, centres, starts, radii = vad.voronoi_cells(bank, 45)
+    bank = bank[order]
+    reference = scipy.spatial.distance.cdist(queries.double().numpy(), bank.double().numpy())
+    d, i = vad.cell_search(queries, bank, centres, starts, radii, 1)
     np.testing.assert_array_equal(i[:, 0].numpy(), reference.argmin(1))
+    np.testing.assert_allclose(d[:, 0].numpy(), reference.min(1), rtol=1e-5)
 
 
 def test_auroc_matches_pairwise_definition_with_ties():
@@ -444,7 +479,7 @@ def test_patchcore_image_score_is_eq7(fitted, dataset):
     det = fitted["patchcore"]
     images = torch.stack([vad.read_image(p, SIZE) for p in vad.read_dataset(dataset).test[-3:]])
     scores, _ = det.score(images)
-    bank = det.memory_bank.double().numpy()
+    bank = (det.memory_bank + det.bank_origin).double().numpy()  # the bank is stored centred
     feats = det.embed(images).permute(0, 2, 3, 1).double().numpy()
     for i in range(len(images)):
         patches = feats[i].reshape(-1, bank.shape[1])
@@ -454,20 +489,6 @@ def test_patchcore_image_score_is_eq7(fitted, dataset):
         support = np.argsort(scipy.spatial.distance.cdist(bank[m_star][None], bank)[0])[:det.config.num_neighbors]
         weight = 1 - np.exp(s_star) / np.exp(D[worst, support]).sum()
         assert float(scores[i]) == pytest.approx(weight * s_star, rel=1e-4)
-
-
-def test_patchcore_screened_search_with_every_candidate_is_exact(fitted, dataset):
-    exact = fitted["patchcore"]
-    det = vad.PatchCore(vad.PatchCoreConfig(backbone="resnet18", search_dim=16, search_candidates=10**6),
-                        image_size=SIZE, weights="none")
-    det.backbone, det.memory_bank = exact.backbone, exact.memory_bank
-    det.search_mean, det.search_basis = vad.principal_axes(det.memory_bank, 16)
-    det.bank_low = (det.memory_bank - det.search_mean) @ det.search_basis
-    images = torch.stack([vad.read_image(p, SIZE) for p in vad.read_dataset(dataset).test[:4]])
-    s1, m1 = exact.score(images)
-    s2, m2 = det.score(images)
-    torch.testing.assert_close(s1, s2)
-    torch.testing.assert_close(m1, m2)
 
 
 def test_patchcore_coreset_ratio_sets_bank_size(dataset):
@@ -692,7 +713,11 @@ def test_patchcore_bank_budget_gives_a_union_of_coresets(dataset, monkeypatch):
     det.fit(batches)
     expected = [p[vad.greedy_coreset(p, math.ceil(0.1 * len(p)), 128, seed)]
                 for seed, p in enumerate([torch.cat(patches[0:2]), torch.cat(patches[2:4]), torch.cat(patches[4:6])])]
-    assert torch.equal(det.memory_bank, torch.cat(expected))
+    expected = torch.cat(expected)
+    torch.testing.assert_close(det.bank_origin, expected.mean(0))
+    stored = det.memory_bank + det.bank_origin  # centred and grouped by cell: the same rows, reordered
+    gap, match = torch.cdist(stored, expected, compute_mode="donot_use_mm_for_euclid_dist").min(1)
+    assert sorted(match.tolist()) == list(range(len(expected))) and float(gap.max()) < 1e-5
 
 # -----------------------------------------------------------------------------
 # Speed plumbing: precision, stage timers, prefetching
