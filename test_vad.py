@@ -306,6 +306,19 @@ def test_cell_search_is_the_exhaustive_search(monkeypatch, probe, cells):
     np.testing.assert_allclose(d[:, 0].numpy(), reference.min(1), rtol=1e-12)
 
 
+def test_cell_search_on_a_bank_of_repeated_rows():
+    """Flat images give banks of identical patches: duplicate centres must not survive
+    (their cells would be empty), and every query still gets its nearest row."""
+    bank = torch.cat([torch.zeros(50, 4), torch.ones(30, 4), torch.full((1, 4), 5.0)]).double()
+    order, centres, starts, radii = vad.voronoi_cells(bank, 9)
+    assert len(centres) <= 3 and bool((starts.diff() > 0).all()) and float(radii.max()) == 0
+    queries = torch.tensor([[0.1] * 4, [0.9] * 4, [4.0] * 4, [0.5] * 4], dtype=torch.float64)
+    d, i = vad.cell_search(queries, bank[order], centres, starts, radii)
+    reference = scipy.spatial.distance.cdist(queries.numpy(), bank[order].numpy())
+    np.testing.assert_allclose(d[:, 0].numpy(), reference.min(1), rtol=1e-12)
+    np.testing.assert_array_equal(reference[np.arange(4), i[:, 0].numpy()], reference.min(1))
+
+
 def test_cell_search_fp32_agrees_with_fp64_on_centred_data():
     rng = np.random.default_rng(9)
     bank, queries = clustered(rng, 2000, 64) + 30, clustered(rng, 500, 64, spread=1.2) + 30  # far from 0
