@@ -802,7 +802,8 @@ class FeatureExtractor(nn.Module):
             with torch.device("meta"):
                 net = torchvision.models.get_model(name)
         else:
-            with timed("backbone"):  # building it (WRN50: 1 s of random init) is not detector work
+            # building a frozen backbone (WRN50: 1 s of random init) is not detector work
+            with timed("backbone") if frozen else contextlib.nullcontext():
                 net = torchvision.models.get_model(name)
                 if weights != "none":
                     try:
