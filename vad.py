@@ -1030,7 +1030,7 @@ def voronoi_cells(bank, n, iters=10, seed=0):
         counts = torch.bincount(cell, minlength=n)
         filled = counts > 0
         centres[filled] = torch.zeros_like(centres).index_add_(0, cell, sample)[filled] / counts[filled, None]
-    rows = max(1, CHUNK_BYTES // (8 * n))
+    rows = max(1, CHUNK_BYTES // (8 * max(n, bank.shape[1])))  # fp64 rows and their distances
     c64 = centres.double()
     cell = torch.cat([(torch.linalg.vector_norm(c64, dim=1).square() - 2 * bank[a: a + rows].double() @ c64.T).argmin(1)
                       for a in range(0, K, rows)])
@@ -1478,7 +1478,7 @@ class PatchCore(Detector):
         with timed("search", self.device):
             n = self.config.search_cells or round(math.sqrt(len(bank)))
             order, self.cell_centres, self.cell_starts, self.cell_radii = voronoi_cells(bank, n, seed=seed)
-            self.memory_bank = bank[order].contiguous()
+            self.memory_bank = bank[order]
 
     @torch.no_grad()
     def score(self, images):
