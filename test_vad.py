@@ -14,7 +14,10 @@ import concurrent.futures
 import io
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -32,8 +35,12 @@ from PIL import Image
 import vad
 
 SIZE = 64  # image size for the detector tests: small enough to be fast on 2 cores
-FAST = {"padim": ["d=40"], "patchcore": [], "efficientad": ["epochs=3", "augment_pool=2"],
-        "autoencoder": ["epochs=10"]}  # detector settings for tiny images and short training
+# Detector settings for tiny images and short training. At 64 px the autoencoder's default
+# five halvings leave a 2x2 bottleneck; three give the 8x8 that the default gives 256 px
+# images. EfficientAD's layer 3 is a 4x4 grid at 64 px, too coarse to place a 10 px defect.
+# Measured (1 and 2 threads, AVX-512 and AVX2 kernels): image AUROC 1.0, pixel >= 0.98.
+FAST = {"padim": ["d=40"], "patchcore": [], "efficientad": ["epochs=3", "augment_pool=2", "layers=1,2"],
+        "autoencoder": ["epochs=10", "widths=32,64,128"]}
 
 # -----------------------------------------------------------------------------
 # Utilities: tiny synthetic data
@@ -77,6 +84,9 @@ def dataset(tmp_path_factory):
 def fit_tiny(model, data, seed=0, **kwargs):
     return vad.fit(data, model, backbone="resnet18", weights="none", image_size=SIZE, device="cpu",
                    seed=seed, settings=FAST[model], **kwargs)
+
+
+FIXTURE_THREADS = torch.get_num_threads()  # the session's fitted models were fitted with this many
 
 
 @pytest.fixture(scope="session")
@@ -451,12 +461,25 @@ def test_epochs_option_reaches_the_trained_detectors(dataset, tmp_path):
 # Detectors (every registered one)
 
 
+@pytest.fixture
+def threads(request):
+    """Run the test with torch using request.param threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("name", list(vad.DETECTORS))
-def test_detector_separates_and_localizes_defects(name, fitted, dataset):
-    metrics = vad.evaluate(fitted[name], vad.read_dataset(dataset))
+def test_detector_separates_and_localizes_defects(name, threads, fitted, dataset):
+    """With 1 and 2 threads, on AVX2 and AVX-512 kernels, by a wide margin (measured:
+    image AUROC 1.0, pixel AUROC >= 0.98, AUPRO >= 0.94 for each detector)."""
+    det = fitted[name] if threads == FIXTURE_THREADS else fit_tiny(name, dataset)
+    metrics = vad.evaluate(det, vad.read_dataset(dataset))
     assert metrics["image_auroc"] >= 0.9
     assert metrics["pixel_auroc"] >= 0.9
-    assert 0 <= metrics["aupro"] <= 1 and np.isfinite(metrics["threshold"])
+    assert metrics["aupro"] >= 0.8
 
 
 @pytest.mark.parametrize("name", list(vad.DETECTORS))
@@ -469,6 +492,26 @@ def test_detector_scores_shapes_and_threshold_from_holdout(name, fitted, dataset
     fit_idx, held = vad.split_holdout(20, 0.1, 0)
     held_scores, _ = det.score(torch.stack([vad.read_image(vad.read_dataset(dataset).train[i], SIZE) for i in held]))
     assert float(det.threshold) == pytest.approx(vad.calibrate(held_scores), rel=1e-6)
+
+
+def test_scores_agree_across_threads_and_cpu_kernels(fitted, dataset):
+    """PaDiM and PatchCore, fitted and scored with 1 thread and torch's and oneDNN's AVX2
+    kernels, give this session's scores to 1e-5 relative (measured: 7e-7). On an AVX-512
+    or AMX CPU the flags switch it to the AVX2 code paths; on an AVX2 CPU only the
+    threads differ. (Training amplifies rounding: the trained detectors' scores agree
+    less closely, README "Precision".)"""
+    script = ("import json, sys, torch, vad; torch.set_num_threads(1); data = vad.read_dataset(sys.argv[1]); "
+              "print(json.dumps({n: [r.score for r in vad.score_files(vad.fit(data.train, n, backbone='resnet18', "
+              "weights='none', image_size=int(sys.argv[3]), device='cpu', settings=s), data.test, desc=None)] "
+              "for n, s in json.loads(sys.argv[2]).items()}))")
+    models = {n: FAST[n] for n in ("padim", "patchcore")}
+    run = subprocess.run([sys.executable, "-c", script, str(dataset), json.dumps(models), str(SIZE)],
+                         env=dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2"),
+                         cwd=Path(vad.__file__).parent, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for name, scores in json.loads(run.stdout).items():
+        ours = [r.score for r in vad.score_files(fitted[name], vad.read_dataset(dataset).test, desc=None)]
+        np.testing.assert_allclose(scores, ours, rtol=1e-5)
 
 
 def test_padim_statistics_match_numpy(dataset):
@@ -512,15 +555,6 @@ def test_patchcore_coreset_ratio_sets_bank_size(dataset):
     assert len(det.memory_bank) == 4 * 8 * 8 // 4  # 4 images of an 8x8 layer-2 grid, 25%
 
 
-@pytest.mark.parametrize("name", list(vad.DETECTORS))
-def test_fit_is_deterministic_for_a_seed(name, dataset):
-    a, b = fit_tiny(name, dataset, seed=7), fit_tiny(name, dataset, seed=7)
-    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), k
-    c = fit_tiny(name, dataset, seed=8)
-    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
-
-
 def test_settings_are_validated():
     assert vad.make_config("patchcore", ["coreset_ratio=0.05", "layers=2,3", "embed_dim=64"]).embed_dim == 64
     assert vad.make_config("padim", ["d=none"]).d is None
@@ -552,26 +586,81 @@ def test_backbone_is_truncated_after_deepest_layer():
     assert not any("layer4" in n or "fc" in n for n in names)
 
 
-def test_weights_from_state_dict_path(tmp_path):
-    net = torchvision.models.resnet18()
-    torch.save(net.state_dict(), tmp_path / "r18.pth")
-    fe = vad.FeatureExtractor("resnet18", (1, 2, 3), weights=str(tmp_path / "r18.pth"))
-    assert torch.equal(fe.stages[1][0].conv1.weight, net.layer2[0].conv1.weight)
-    with pytest.raises(vad.VadError, match="does not fit mobilenet_v2"):
+def torchvision_taps(net, name, images):
+    """The three tapped maps of a torchvision network, computed by torchvision's modules."""
+    x = (images - torch.tensor(vad.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(vad.IMAGENET_STD).view(1, 3, 1, 1)
+    if name == "mobilenet_v2":
+        return [net.features[:4](x), net.features[:7](x), net.features[:14](x)]
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    taps = []
+    for layer in (net.layer1, net.layer2, net.layer3):
+        x = layer(x)
+        taps.append(x)
+    return taps
+
+
+@pytest.mark.parametrize("name", list(vad.BACKBONES))
+def test_backbones_give_torchvisions_features_bit_for_bit(name, tmp_path):
+    """vad's own networks load a torchvision state dict (--weights PATH) and compute the
+    same features, bit for bit, as torchvision's networks with it."""
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(name).eval()
+    for m in net.modules():  # batch norm statistics that are not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    images = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        reference = torchvision_taps(net, name, images)
+    for layers in [(1, 2, 3), (2,)]:  # truncated after the deepest tap
+        fe = vad.FeatureExtractor(name, layers, weights=str(tmp_path / "w.pth"))
+        for ours, i in zip(fe(images), layers):
+            assert torch.equal(ours, reference[i - 1])
+    assert len(vad.FeatureExtractor(name, (2,), weights="empty").stages) == 2
+
+
+def test_backbone_weights_files_that_do_not_fit(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(vad.VadError, match="does not fit mobilenet_v2: .* missing"):
         vad.FeatureExtractor("mobilenet_v2", (1, 2, 3), weights=str(tmp_path / "r18.pth"))
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")  # the same names, half as wide
+    with pytest.raises(vad.VadError, match="does not fit wide_resnet50_2: size mismatch"):
+        vad.FeatureExtractor("wide_resnet50_2", (1,), weights=str(tmp_path / "r50.pth"))
     with pytest.raises(vad.VadError, match="no such file"):
         vad.FeatureExtractor("resnet18", (1,), weights=str(tmp_path / "missing.pth"))
+
+
+def test_imagenet_weights_are_torchvisions_files():
+    for name, url in vad.IMAGENET_URLS.items():
+        assert url == torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
 
 
 def test_imagenet_weights_offline_gives_clear_error(monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(vad.VadError) as e:
         vad.FeatureExtractor("resnet18", (1, 2, 3), weights="imagenet")
     message = str(e.value)
     assert "--weights PATH" in message and "--weights none" in message and str(torch.hub.get_dir()) in message
-    assert "\n" not in message
+    assert "resnet18-f37072fd.pth" in message and "\n" not in message
+
+
+def test_imagenet_download_notice_goes_to_stderr(dataset, tmp_path, monkeypatch):
+    """torch.hub announces a download on stdout; fit's stdout must hold only the model path."""
+    state = torchvision.models.resnet18().state_dict()
+    asked = []
+
+    def download(url, *args, **kwargs):
+        asked.append(url)
+        sys.stdout.write(f'Downloading: "{url}" to somewhere\n')
+        return state
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    r = cli("fit", "--model", "padim", "--data", dataset, "--out", tmp_path / "m.pt", "--backbone", "resnet18",
+            "--weights", "imagenet", "--image-size", SIZE, "-s", "d=20")
+    assert r.exit_code == 0, r.output
+    assert asked == [vad.IMAGENET_URLS["resnet18"]]
+    assert r.stdout == f"{tmp_path / 'm.pt'}\n" and "Downloading" in r.stderr
 
 # -----------------------------------------------------------------------------
 # Framing: aspect ratio, tiles, stitching (small defects)
@@ -753,6 +842,41 @@ def test_precision_auto_is_fp32_and_half_runs_only_the_backbone(dataset):
     assert det.precision == "bf16" and det.mean.dtype == det.cholesky.dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ["efficientad", "autoencoder"])
+def test_default_precision_is_fp32_on_a_cpu_that_reports_amx(name, dataset, tmp_path, monkeypatch):
+    """A model never depends on CPU flags nobody chose: with an AMX Xeon's flags faked,
+    nothing runs under autocast and training gives, bit for bit, the model it gives with
+    an AVX2 CPU's flags. bf16 training happens when asked, and the .pt records it."""
+    seen = []
+    forward = torch.nn.Conv2d.forward  # every convolution: teacher, student, autoencoder
+
+    def watched(self, x):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, x)
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", watched)
+    settings = [s for s in FAST[name] if not s.startswith("epochs")] + ["epochs=1"]
+
+    def fit(**kwargs):
+        return vad.fit(dataset, name, backbone="resnet18", weights="none", image_size=SIZE, device="cpu",
+                       settings=settings, **kwargs)
+    models = {}
+    for cpu, flags in [("amx", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile"), ("avx2", "avx2 fma")]:
+        monkeypatch.setattr(vad, "cpu_info", lambda: ("faked", frozenset(flags.split())))
+        assert vad.cpu_has_bf16() == (cpu == "amx")
+        models[cpu] = fit()
+        assert models[cpu].precision == "fp32" and seen and not any(seen)
+    for (k, a), b in zip(models["amx"].state_dict().items(), models["avx2"].state_dict().values()):
+        assert torch.equal(a, b), k
+    vad.save(models["amx"], tmp_path / "m.pt")
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["precision"] == "fp32"
+    if name == "autoencoder":  # no frozen backbone: every autocast seen is training's
+        seen.clear()
+        det = fit(precision="bf16")
+        assert det.precision == "bf16" and any(seen)
+        vad.save(det, tmp_path / "bf16.pt")
+        assert vad.load(tmp_path / "bf16.pt").precision == "bf16"
+
+
 def test_precision_is_saved_and_can_be_overridden(dataset, tmp_path):
     det = fit_tiny("padim", dataset, precision="bf16")
     vad.save(det, tmp_path / "m.pt")
@@ -816,22 +940,6 @@ def test_save_load_scores_identically(name, fitted, dataset, tmp_path):
     assert float(loaded.threshold) == float(det.threshold) and loaded.config == det.config
 
 
-def test_refuses_files_that_are_not_vad_models(fitted, tmp_path):
-    torch.save({"weights": torch.ones(3)}, tmp_path / "other.pt")
-    with pytest.raises(vad.VadError, match="not a vad model"):
-        vad.load(tmp_path / "other.pt")
-    (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(vad.VadError, match="not a vad model"):
-        vad.load(tmp_path / "text.pt")
-    vad.save(fitted["padim"], tmp_path / "m.pt")
-    data = (tmp_path / "m.pt").read_bytes()
-    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(vad.VadError, match="not a vad model"):
-        vad.load(tmp_path / "cut.pt")
-    with pytest.raises(vad.VadError, match="does not exist"):
-        vad.load(tmp_path / "missing.pt")
-
-
 def test_refuses_other_format_version_and_tampering(fitted, tmp_path):
     vad.save(fitted["patchcore"], tmp_path / "m.pt")
     checkpoint = torch.load(tmp_path / "m.pt", weights_only=True)
@@ -854,33 +962,6 @@ def test_refuses_other_format_version_and_tampering(fitted, tmp_path):
     with pytest.raises(vad.VadError, match="checksum"):
         vad.load(tmp_path / "missing_tensor.pt")
 
-
-def test_malicious_pickle_never_runs(tmp_path):
-    marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (Path.write_text, (marker, "code ran"))
-
-    torch.save({"format": "vad-model", "payload": Exploit()}, tmp_path / "evil.pt", pickle_module=pickle)
-    with pytest.raises(vad.VadError, match="not a vad model"):
-        vad.load(tmp_path / "evil.pt")
-    assert not marker.exists()
-
-
-def test_save_is_atomic(fitted, tmp_path, monkeypatch):
-    out = tmp_path / "m.pt"
-    out.write_bytes(b"previous model")
-
-    def crash(obj, f, *args, **kwargs):
-        f.write(b"partial")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        vad.save(fitted["padim"], out)
-    assert out.read_bytes() == b"previous model"
-    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -914,6 +995,31 @@ def test_cli_fit_score_bench(dataset, tmp_path):
     assert "| tiles | padim | resnet18 |" in r.stdout and "F1-max (oracle)" in r.stdout
     result = json.loads((tmp_path / "b.json").read_text())[0]
     assert result["image_auroc"] >= 0.9 and result["peak_mb"] > 0
+    where = result["machine"]  # where it ran, in the header and the JSON
+    assert where["threads"] == torch.get_num_threads() and where["torch"] == torch.__version__
+    assert f"machine: {where['cpu']} ({where['isa']}), {where['threads']} threads" in r.stdout
+    assert where["cpu"] == vad.cpu_info()[0] and where["isa"] == vad.isa_level()
+
+
+def test_bench_warns_when_other_work_disturbs_its_timings(dataset, monkeypatch):
+    args = ["bench", "--model", "padim", "--data", dataset, *TINY, "-s", "d=20"]
+    r = cli(*args)
+    assert r.exit_code == 0 and "timings" not in r.stderr  # a quiet machine (at least before bench)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # busy before
+    busy = iter([(100.0, 10.0), (1e6, 11.0)])  # the machine busy for far longer than bench itself
+    monkeypatch.setattr(vad, "cpu_seconds", lambda: next(busy))
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert "load average is 9.0" in r.stderr and "other processes used" in r.stderr
+    assert "timings" not in r.stdout
+
+
+def test_isa_level_and_bf16_from_cpu_flags(monkeypatch):
+    for flags, level, bf16 in [("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "AMX", True),
+                               ("avx2 avx512f avx512_bf16", "AVX-512", True), ("avx2 fma", "AVX2", False),
+                               ("fp asimd", vad.platform.machine(), False)]:
+        monkeypatch.setattr(vad, "cpu_info", lambda: ("faked", frozenset(flags.split())))
+        assert vad.isa_level() == level and vad.cpu_has_bf16() == bf16
 
 
 def test_cli_score_json_heatmaps_maps_stdin(fitted, dataset, tmp_path):
@@ -958,17 +1064,6 @@ def test_cli_usage_errors_are_one_line(dataset, tmp_path):
     r = cli("score", tmp_path / "missing.pt", dataset)
     assert r.exit_code == 2 and "does not exist" in r.stderr
 
-
-def test_cli_failed_fit_writes_nothing(dataset, tmp_path):
-    data = tmp_path / "data"
-    for p in vad.read_dataset(dataset).train[:5]:
-        save_png(np.asarray(Image.open(p)), data / p.name)
-    (data / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    out = tmp_path / "m.pt"
-    out.write_bytes(b"the old model")
-    r = cli("fit", "--model", "padim", "--data", data, "--out", out, *TINY, "-s", "d=40")
-    assert r.exit_code == 2 and "zz_corrupt.png" in r.stderr
-    assert out.read_bytes() == b"the old model" and sorted(p.name for p in tmp_path.iterdir()) == ["data", "m.pt"]
 
 # -----------------------------------------------------------------------------
 # The scripting contract: one test per row of the README's table
@@ -1088,15 +1183,18 @@ def test_contract_bad_settings_are_usage_errors(dataset, tmp_path, setting, expe
 def test_contract_bad_model_files_are_one_line_errors(model_file, dataset, tmp_path):
     data = model_file.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[:1000])
+    (tmp_path / "half.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_text("hello")
     torch.save({"not": "vad"}, tmp_path / "other.pt")
     checkpoint = torch.load(model_file, weights_only=True)
     checkpoint["format_version"] = 99
     torch.save(checkpoint, tmp_path / "v99.pt")
     image = vad.read_dataset(dataset).test[0]
     for name, expected in [("missing.pt", "does not exist"), ("cut.pt", "not a vad model"),
+                           ("half.pt", "not a vad model"), ("text.pt", "not a vad model"),
                            ("other.pt", "not a vad model"), ("v99.pt", "format version 99")]:
         r = cli("score", tmp_path / name, image)
-        assert r.exit_code == 2 and expected in r.stderr and r.stderr.count("\n") == 1 and not r.stdout
+        assert r.exit_code == 2 and expected in r.stderr and r.stderr.count("\n") == 1 and not r.stdout, name
 
 
 def test_contract_malicious_model_file_never_runs_code(dataset, tmp_path):
@@ -1106,9 +1204,10 @@ def test_contract_malicious_model_file_never_runs_code(dataset, tmp_path):
         def __reduce__(self):
             return (Path.write_text, (marker, "code ran"))
 
-    torch.save({"format": "vad-model", "format_version": 1, "payload": Exploit()}, tmp_path / "evil.pt")
+    torch.save({"format": "vad-model", "format_version": vad.FORMAT_VERSION, "payload": Exploit()},
+               tmp_path / "evil.pt", pickle_module=pickle)
     r = cli("score", tmp_path / "evil.pt", vad.read_dataset(dataset).test[0])
-    assert r.exit_code == 2 and "not a vad model" in r.stderr and not marker.exists()
+    assert r.exit_code == 2 and "not a vad model file (refused unsafe content)" in r.stderr and not marker.exists()
 
 
 def test_contract_cuda_without_cuda(dataset, tmp_path, monkeypatch):
@@ -1121,47 +1220,54 @@ def test_contract_cuda_without_cuda(dataset, tmp_path, monkeypatch):
     assert vad.load(tmp_path / "m.pt").device.type == "cpu"
 
 
-@pytest.mark.parametrize("failure", ["interrupt", "crash"])
-def test_contract_interrupted_fit_leaves_old_file(dataset, tmp_path, monkeypatch, failure):
+@pytest.mark.parametrize("failure", ["interrupt in fit", "crash in fit", "corrupt image", "interrupt in save",
+                                     "disk full"])
+def test_contract_failed_fit_keeps_the_old_file_and_leaves_nothing(dataset, tmp_path, monkeypatch, failure):
+    import errno
+    data = tmp_path / "data"
+    for p in vad.read_dataset(dataset).train[:6]:
+        save_png(np.asarray(Image.open(p)), data / p.name)
     out = tmp_path / "m.pt"
     out.write_bytes(b"the old model")
 
     def broken_fit(self, batches, seed=0):
         next(iter(batches))
-        raise KeyboardInterrupt if failure == "interrupt" else RuntimeError("backbone exploded")
+        raise KeyboardInterrupt if failure == "interrupt in fit" else RuntimeError("backbone exploded")
 
-    monkeypatch.setattr(vad.PaDiM, "fit", broken_fit)
-    r = cli("fit", "--model", "padim", "--data", dataset, "--out", out, *TINY, "-s", "d=20")
-    assert r.exit_code != 0
-    assert out.read_bytes() == b"the old model" and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
-
-
-def test_contract_disk_full_during_save(dataset, tmp_path, monkeypatch):
-    import errno
-    out = tmp_path / "m.pt"
-    out.write_bytes(b"the old model")
-
-    def full(obj, f, *args, **kwargs):
+    def broken_save(obj, f, *args, **kwargs):
         f.write(b"half a model")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise KeyboardInterrupt if failure == "interrupt in save" else OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full)
-    r = cli("fit", "--model", "padim", "--data", dataset, "--out", out, *TINY, "-s", "d=20")
-    assert r.exit_code == 2 and "No space left on device" in r.stderr and str(out) in r.stderr
-    assert out.read_bytes() == b"the old model" and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    if failure.endswith("in fit"):
+        monkeypatch.setattr(vad.PaDiM, "fit", broken_fit)
+    elif failure == "corrupt image":
+        (data / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    else:
+        monkeypatch.setattr(torch, "save", broken_save)
+    r = cli("fit", "--model", "padim", "--data", data, "--out", out, *TINY, "-s", "d=20")
+    assert r.exit_code != 0
+    if failure == "corrupt image":
+        assert r.exit_code == 2 and "zz_corrupt.png" in r.stderr and r.stderr.count("\n") == 1
+    if failure == "disk full":
+        assert r.exit_code == 2 and "No space left on device" in r.stderr and str(out) in r.stderr
+    assert out.read_bytes() == b"the old model" and sorted(p.name for p in tmp_path.iterdir()) == ["data", "m.pt"]
 
 
 @pytest.mark.parametrize("name", list(vad.DETECTORS))
-def test_contract_same_seed_gives_bitwise_identical_files_and_scores(name, dataset, tmp_path):
-    outputs = []
-    for run in ("a", "b"):
-        r = cli("fit", "--model", name, "--data", dataset, "--out", tmp_path / f"{run}.pt", *TINY, *sum(
-            [["-s", s] for s in FAST[name]], []))
-        assert r.exit_code == 0, r.output
-        outputs.append(cli("score", tmp_path / f"{run}.pt", dataset / "test", "--json", "-q").stdout)
+def test_contract_same_seed_gives_bitwise_identical_files_and_scores(name, fitted, dataset, tmp_path):
+    """Same machine, same threads, same command and seed: the same .pt, byte for byte, and
+    the same scores (the session's fixture is the first fit, the CLI the second); another
+    seed gives another model."""
+    vad.save(fitted[name], tmp_path / "a.pt", fitted[name].info)  # the CLI saves the same info
+    r = cli("fit", "--model", name, "--data", dataset, "--out", tmp_path / "b.pt", *TINY,
+            *sum([["-s", s] for s in FAST[name]], []))
+    assert r.exit_code == 0, r.output
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
-    assert [json.loads(x)["score"] for x in outputs[0].splitlines()] == \
-        [json.loads(x)["score"] for x in outputs[1].splitlines()]
+    scores = [[json.loads(x)["score"] for x in cli("score", tmp_path / f"{run}.pt", dataset / "test", "--json",
+                                                   "-q").stdout.splitlines()] for run in "ab"]
+    assert scores[0] == scores[1] and len(scores[0]) == 12
+    other = fit_tiny(name, dataset, seed=1)
+    assert any(not torch.equal(x, y) for x, y in zip(fitted[name].state_dict().values(), other.state_dict().values()))
 
 
 def test_contract_exit_codes_and_fail_on_anomaly(model_file, dataset):

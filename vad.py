@@ -58,6 +58,7 @@ import io
 import json
 import math
 import os
+import platform
 import queue
 import resource
 import sys
@@ -72,12 +73,9 @@ from pathlib import Path
 
 import click
 import numpy as np
-import scipy.ndimage
-import scipy.stats
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 __version__ = "0.1.0"
@@ -163,30 +161,50 @@ def pick_device(device="auto"):
     return torch.device(device)
 
 
-# bf16 keeps fp32's range (never overflows) with an 8-bit mantissa; fp16 has a 11-bit
-# mantissa but overflows past 65504. Either runs only the backbone: statistics,
-# covariances, Cholesky factors and distances stay fp32/fp64.
+# One precision policy. Everything is fp32 (statistics and distances fp64 where they
+# need it) unless the user asks for bf16 or fp16 with --precision; then the frozen
+# backbone runs in it and training steps autocast to it, and the .pt records it.
+# Statistics, covariances, Cholesky factors, distances and a trained network's scoring
+# stay fp32/fp64 whatever is asked. No choice depends on the CPU's instruction set, so
+# one command and seed make the same model on every machine, up to the rounding of its
+# fp32 kernels (README, "Precision"). bf16 keeps fp32's range with an 8-bit mantissa;
+# fp16 has 11 bits but overflows past 65504.
 HALF_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: fp32, kept for older scripts
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_info():
+    """(model name, flags) of the CPU: /proc/cpuinfo on Linux, else what platform knows."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), frozenset()
+    fields = {}
+    for line in text.split("\n\n")[0].splitlines():  # the first core speaks for all
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    model = fields.get("model name") or fields.get("hardware") or platform.machine()
+    return model, frozenset((fields.get("flags") or fields.get("features") or "").split())
+
+
+def isa_level():
+    """The widest vector/matrix extension torch's CPU kernels can use here."""
+    flags = cpu_info()[1]
+    for flag, level in (("amx_bf16", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
+        if flag in flags:
+            return level
+    return platform.machine()
+
+
 def cpu_has_bf16():
     """AMX or AVX512-BF16: bf16 matrix products in hardware (x86 Linux; False elsewhere)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_info()[1])
 
 
 def pick_precision(precision, device):
-    """The backbone's number format on `device` ("auto" resolved).
-
-    auto is fp32, on CPU and CUDA. Measured against fp32 with the MobileNetV2 weights
-    (README, "Precision"), both half types moved a KolektorSDD AUROC by more than the
-    0.002 we accept (bf16: PaDiM image -0.008; fp16: PatchCore pixel +0.011), so both
-    are opt-in. (fp16 was measured with the CPU's fp16 arithmetic; no GPU was at hand.)"""
+    """The number format asked for, checked ("auto" is fp32); warns where bf16 has no
+    hardware support and would only be slower."""
     if precision not in PRECISIONS:
         raise VadError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -278,6 +296,25 @@ class PeakMemory:
         if self.peak is None:
             scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
             self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def machine():
+    """Where a benchmark runs: CPU model, ISA level, threads, torch version."""
+    return {"cpu": cpu_info()[0], "isa": isa_level(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "vad": __version__}
+
+
+def cpu_seconds():
+    """(CPU seconds the whole machine has been busy, of which this process) so far; None
+    where /proc/stat is missing (not Linux). Steal time counts as busy: it is time a
+    virtual machine's core was given to another guest."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
 def atomic_write(path, write):
@@ -677,6 +714,8 @@ def _draw_defect(kind, image, rng, center, radii, s):
 def _synthetic_image(kind, rng, size):
     """A normal image (H, W, 3 float): a stochastic textured surface, or a washer-like part
     on a background; with the center and the range of radii where defects may go."""
+    import scipy.ndimage  # here, not at the top: scipy costs start-up time that scoring never needs
+
     s = size / 256
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     grain = scipy.ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 2 * s) * 60 + rng.normal(0, 3, (size, size))
@@ -735,7 +774,13 @@ def synthetic_data():
     return [base / "surface", base / "part"]
 
 # -----------------------------------------------------------------------------
-# Backbones
+# Backbones: ResNet-18, Wide-ResNet-50-2 and MobileNetV2, defined here up to their taps
+
+# The networks are written out in torchvision's module layout (He et al. 2016; Zagoruyko &
+# Komodakis 2016; Sandler et al. 2018), so torchvision's ImageNet files and any state dict
+# saved from torchvision load into them unchanged, and they give the same features bit
+# for bit (a test checks it). Defining them here keeps torchvision, a second of import
+# time, off every path of vad, and builds only the layers a detector taps.
 
 # Channels of the three taps of each backbone. ResNets: layer1/2/3 (strides 4/8/16).
 # MobileNetV2 has no named layers; its taps are the last blocks at strides 4, 8 and 16,
@@ -747,28 +792,162 @@ BACKBONES = {
     "mobilenet_v2": (24, 32, 96),
 }
 MOBILENET_STAGES = ((0, 4), (4, 7), (7, 14))  # features[a:b] for each stage
+# torchvision's IMAGENET1K_V1 files (the papers' weights); the hash prefix in each name is
+# checked after download
+IMAGENET_URLS = {
+    "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "mobilenet_v2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+}
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18's block: two 3x3 convolutions and a shortcut."""
+
+    def __init__(self, c_in, c, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.downsample = _shortcut(c_in, c, stride)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """Wide-ResNet-50-2's block: 1x1 in, 3x3 at twice ResNet-50's width, 1x1 out to 4c."""
+
+    def __init__(self, c_in, c, stride=1, width=2):
+        super().__init__()
+        w = c * width
+        self.conv1 = nn.Conv2d(c_in, w, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.conv2 = nn.Conv2d(w, w, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(w)
+        self.conv3 = nn.Conv2d(w, 4 * c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * c)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(c_in, 4 * c, stride)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+def _shortcut(c_in, c_out, stride):
+    """The projection shortcut where a block changes shape (None: the identity)."""
+    if stride == 1 and c_in == c_out:
+        return None
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+
+class ResNet(nn.Module):
+    """A ResNet's stem and its first `depth` layers (the rest and the classifier are never
+    used). forward is not defined: FeatureExtractor runs the stages."""
+
+    def __init__(self, block, blocks, depth):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        c_in, expansion = 64, 4 if block is Bottleneck else 1
+        for i, (n, c) in enumerate(zip(blocks[:depth], (64, 128, 256))):
+            stride = 1 if i == 0 else 2
+            layer = [block(c_in, c, stride)] + [block(c * expansion, c) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+            c_in = c * expansion
+
+
+def _conv_bn_relu6(c_in, c_out, kernel=3, stride=1, groups=1):
+    """torchvision's Conv2dNormActivation as MobileNetV2 uses it."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion by t, 3x3 depthwise, linear 1x1 projection."""
+
+    def __init__(self, c_in, c_out, stride, t):
+        super().__init__()
+        hidden = c_in * t
+        layers = [_conv_bn_relu6(c_in, hidden, 1)] if t != 1 else []
+        layers += [_conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
+                   nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) up to features[blocks - 1]."""
+    SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1))  # t, c, n, s
+
+    def __init__(self, blocks):
+        super().__init__()
+        features, c_in = [_conv_bn_relu6(3, 32, stride=2)], 32
+        for t, c, n, s in self.SETTING:
+            for i in range(n):
+                features.append(InvertedResidual(c_in, c, s if i == 0 else 1, t))
+                c_in = c
+        self.features = nn.Sequential(*features[:blocks])
+
+
+def build_backbone(name, depth):
+    """The network `name` up to tap `depth` (1-3), in torchvision's layout, uninitialized
+    (on the meta device: no memory, no random numbers drawn)."""
+    with torch.device("meta"):
+        if name == "mobilenet_v2":
+            return MobileNetV2(MOBILENET_STAGES[depth - 1][1])
+        if name == "resnet18":
+            return ResNet(BasicBlock, (2, 2, 2), depth)
+        return ResNet(Bottleneck, (3, 4, 6), depth)
+
+
+def init_backbone(net):
+    """Random weights as torchvision initializes these networks: He-normal convolutions
+    (fan out), batch norms at identity. Deterministic under the caller's torch seed."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()  # weight 1, bias 0, running mean 0 and variance 1
 
 
 def _stages(name, net):
-    """The torchvision network split into its three tap stages, the stem in the first."""
+    """The network split into its three tap stages, the stem in the first."""
     if name == "mobilenet_v2":
-        return [net.features[a:b] for a, b in MOBILENET_STAGES]
+        return [net.features[a:b] for a, b in MOBILENET_STAGES if a < len(net.features)]
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
-    return [stem, net.layer2, net.layer3]
+    return [stem] + [getattr(net, f"layer{i}") for i in (2, 3) if hasattr(net, f"layer{i}")]
 
 
 def load_backbone_weights(name, weights):
-    """State dict for torchvision's `name`: "imagenet" downloads it into the torch hub
-    cache (or finds it there), anything else is a path to a torchvision state dict."""
+    """State dict for `name` in torchvision's layout: "imagenet" downloads torchvision's
+    file into the torch hub cache (or finds it there), anything else is a path to a
+    torchvision state dict."""
     if weights == "imagenet":
-        enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1  # the papers' weights
+        url = IMAGENET_URLS[name]
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         try:
-            return enum.get_state_dict(progress=VERBOSE)
+            with contextlib.redirect_stdout(sys.stderr):  # torch.hub announces downloads on stdout
+                return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=VERBOSE,
+                                                          check_hash=True, weights_only=True)
         except Exception as e:  # urllib raises several types offline
             raise VadError(
                 f"cannot get ImageNet weights for {name} ({type(e).__name__}: {e}); offline, put "
-                f"{Path(enum.url).name} in {cache}, or pass --weights PATH to a torchvision state dict, "
+                f"{Path(url).name} in {cache}, or pass --weights PATH to a torchvision state dict, "
                 f"or --weights none for random init") from None
     path = Path(weights)
     if not path.is_file():
@@ -784,8 +963,23 @@ def load_backbone_weights(name, weights):
     return state
 
 
+def load_truncated(net, state, name, weights):
+    """Copy a whole network's state dict into the truncated `net`: every tensor `net` has
+    must be there with its shape; those of the layers beyond the taps are ignored."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise VadError(f"--weights {weights} does not fit {name}: {len(missing)} of its {len(own)} tensors "
+                       f"missing, {missing[0]} the first")
+    try:
+        net.load_state_dict({k: state[k] for k in own})
+    except Exception as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise VadError(f"--weights {weights} does not fit {name}: {first}") from None
+
+
 class FeatureExtractor(nn.Module):
-    """A torchvision backbone cut after the deepest stage a detector uses, with the input
+    """A backbone cut after the deepest stage a detector uses, with the input
     normalization built in: it takes images in [0, 1] and returns the tapped maps.
 
     weights: "imagenet", "none" (random init, seeded by the caller), a state-dict path,
@@ -798,21 +992,17 @@ class FeatureExtractor(nn.Module):
         self.frozen = frozen
         if name not in BACKBONES:
             raise VadError(f"unknown backbone {name!r}: choose from {', '.join(BACKBONES)}")
-        if weights == "empty":
-            with torch.device("meta"):
-                net = torchvision.models.get_model(name)
-        else:
+        self.name, self.layers = name, tuple(layers)
+        net = build_backbone(name, max(self.layers))
+        if weights != "empty":  # "empty": the weights come next, from a vad model file
             # building a frozen backbone (WRN50: 1 s of random init) is not detector work
             with timed("backbone") if frozen else contextlib.nullcontext():
-                net = torchvision.models.get_model(name)
-                if weights != "none":
-                    try:
-                        net.load_state_dict(load_backbone_weights(name, weights))
-                    except RuntimeError as e:
-                        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-                        raise VadError(f"--weights {weights} does not fit {name}: {first}") from None
-        self.name, self.layers = name, tuple(layers)
-        self.stages = nn.ModuleList(_stages(name, net)[: max(self.layers)])
+                net.to_empty(device="cpu")
+                if weights == "none":
+                    init_backbone(net)
+                else:
+                    load_truncated(net, load_backbone_weights(name, weights), name, weights)
+        self.stages = nn.ModuleList(_stages(name, net))
         if weights == "empty":
             self.stages.to_empty(device="cpu")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
@@ -1181,19 +1371,23 @@ def augment(images, g, rotate=0.0, flip=False, jitter=0.0):
     return x.clamp(0, 1)
 
 
-def train_autocast(device):
-    """bf16 autocast for training steps where the hardware runs it fast (AMX/AVX512-BF16
-    CPUs, Ampere+ GPUs); weights and optimizer state stay fp32."""
-    enabled = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def train_autocast(device, precision):
+    """Autocast for a training step: on only when the user asked for bf16 or fp16
+    (--precision), never because of what the CPU happens to support, so one command makes
+    one model on any machine. Weights and optimizer state stay fp32."""
+    half = HALF_TYPES.get(precision)
+    return torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None)
 
 
-def train(parameters, epochs, lr_at, steps):
+def train(parameters, epochs, lr_at, steps, precision="fp32"):
     """Adam over `epochs`, the rate set by lr_at(epoch) at each epoch's start.
     steps(epoch) yields (loss, batch size) for each batch: its forward pass; the
     backward pass and the update happen here. Shows the epoch, the mean loss and the time
     left."""
+    parameters = list(parameters)
     optimizer = torch.optim.Adam(parameters, lr=lr_at(0))
+    # fp16 gradients underflow without loss scaling; bf16 keeps fp32's range and needs none
+    scaler = torch.amp.GradScaler(parameters[0].device.type, enabled=precision == "fp16")
     last = [float("nan")]
     for epoch in progress(range(epochs), epochs, "train", lambda: f"loss {last[0]:.4f}"):
         for group in optimizer.param_groups:
@@ -1202,8 +1396,9 @@ def train(parameters, epochs, lr_at, steps):
         with timed("training"):
             for loss, size in steps(epoch):
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 total, count = total + float(loss.detach()) * size, count + size
         last[0] = total / count
 
@@ -1232,6 +1427,7 @@ class Detector(nn.Module):
         self.register_buffer("threshold", torch.tensor(float("nan")))  # on image scores
         self.register_buffer("pixel_threshold", torch.tensor(float("nan")))  # on map values
         self.register_buffer("map_low", torch.tensor(0.0))  # typical normal map value (colour scale)
+        self.precision = "fp32"  # number format of the backbone and of training (set_precision)
 
     @property
     def device(self):
@@ -1254,12 +1450,10 @@ class Detector(nn.Module):
         the maximum, as PaDiM and PatchCore score a map."""
         return float(anomaly_map.max())
 
-    @property
-    def precision(self):
-        extractors = [m for m in self.modules() if isinstance(m, FeatureExtractor) and m.frozen]
-        return extractors[0].precision if extractors else "fp32"
-
     def set_precision(self, precision):
+        """fp32, bf16 or fp16 for the frozen backbone and for training steps (see
+        pick_precision); a trained network scores in fp32."""
+        self.precision = precision
         for m in self.modules():
             if isinstance(m, FeatureExtractor):
                 m.set_precision(precision)
@@ -1645,7 +1839,7 @@ class EfficientAD(FusedMapDetector):
                 i, v = order[a: a + cfg.batch_size], version[order[a: a + cfg.batch_size]]
                 x = (pool[v, i].to(self.device).float() / 255).contiguous(memory_format=torch.channels_last)
                 targets = self.normalize([f[v, i].to(self.device) for f in features])
-                with train_autocast(self.device):
+                with train_autocast(self.device, self.precision):
                     yield self.loss(targets, self.predictions(x)), len(i)
 
         # Train student and adapters: lr / 10 after lr_drop of the epochs (report: 80 of 100).
@@ -1653,7 +1847,7 @@ class EfficientAD(FusedMapDetector):
         self.student.train()
         self.student.to(memory_format=torch.channels_last)  # measured 1.5x faster training steps on CPU
         train(list(self.student.parameters()) + list(self.adapters.parameters()), cfg.epochs,
-              lambda epoch: cfg.lr if epoch < drop else cfg.lr / 10, steps)
+              lambda epoch: cfg.lr if epoch < drop else cfg.lr / 10, steps, self.precision)
         self.student.eval()
         self.student.to(memory_format=torch.contiguous_format)
 
@@ -1748,13 +1942,13 @@ class Autoencoder(FusedMapDetector):
             for a in range(0, N, cfg.batch_size):
                 x = images[order[a: a + cfg.batch_size]].to(self.device).float() / 255
                 x = augment(x, g, cfg.rotate, cfg.flip, cfg.jitter).contiguous(memory_format=torch.channels_last)
-                with train_autocast(self.device):
+                with train_autocast(self.device, self.precision):
                     y = self(x)
                 yield self.loss(x, y.float()), len(x)  # SSIM in fp32
 
         self.train()
         self.to(memory_format=torch.channels_last)  # measured 1.75x faster training steps on CPU
-        train(self.parameters(), cfg.epochs, lambda epoch: cfg.lr, steps)
+        train(self.parameters(), cfg.epochs, lambda epoch: cfg.lr, steps, self.precision)
         self.eval()
         self.to(memory_format=torch.contiguous_format)
 
@@ -1937,6 +2131,8 @@ def auroc(scores, labels):
     n0 = y.size - n1
     if n1 == 0 or n0 == 0:
         return float("nan")
+    import scipy.stats  # metrics are for bench only; scipy stays off the scoring path
+
     ranks = scipy.stats.rankdata(s)
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
@@ -1947,6 +2143,8 @@ def aupro(maps, masks, max_fpr=0.3):
     (8-connectivity, all images) of the fraction of the region above the threshold, and
     FPR the fraction of all defect-free pixels above it. Exact: every distinct score is a
     threshold; the curve is closed at max_fpr by linear interpolation."""
+    import scipy.ndimage
+
     maps = np.asarray(maps, dtype=np.float64)
     scored = np.isfinite(maps)  # NaN: a pixel that was not inspected (cropped away, letterbox)
     masks = np.asarray(masks, dtype=bool) & scored
@@ -2112,7 +2310,7 @@ def _label(source):
 
 
 def fit(data, model="patchcore", *, backbone="wide_resnet50_2", weights="imagenet",
-        image_size=DEFAULT_IMAGE_SIZE, resize="fit", tile=None, tile_overlap=0.25, precision="auto",
+        image_size=DEFAULT_IMAGE_SIZE, resize="fit", tile=None, tile_overlap=0.25, precision="fp32",
         device="auto", seed=0, holdout=0.1, settings=None, batch_size=BATCH_SIZE, epochs=None):
     """Fit `model` on the normal images of `data` (an MVTec category folder, a folder of
     images, or a list of image paths) and calibrate its threshold on a held-out part.
@@ -2201,13 +2399,20 @@ def _share(stages, seconds, *parts):
 
 
 def bench(data_dirs=None, models=("padim", "patchcore"), *, backbone="wide_resnet50_2", weights="imagenet",
-          image_size=DEFAULT_IMAGE_SIZE, resize="fit", tile=None, tile_overlap=0.25, precision="auto",
+          image_size=DEFAULT_IMAGE_SIZE, resize="fit", tile=None, tile_overlap=0.25, precision="fp32",
           device="auto", seed=0, holdout=0.1, settings=None, batch_size=BATCH_SIZE, epochs=None):
     """Fit every model on every category's train/good and evaluate it on test/.
     Returns a list of result dicts: metrics, fit seconds, score ms/image, peak memory,
     and where the time went (seconds per stage; detector work = all but building the
     backbone, feature extraction and waiting for images)."""
     check_settings(models, settings)
+    where = machine()
+    cores = where["cores"] or 1
+    where["load_before"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if where["load_before"] and where["load_before"] > cores:
+        warn(f"the load average is {where['load_before']:.1f} on {cores} cores before bench starts: "
+             f"other work is running, and the timings will be slower than this machine can do")
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     results = []
     for root in data_dirs or synthetic_data():
         dataset = read_dataset(root)
@@ -2238,6 +2443,15 @@ def bench(data_dirs=None, models=("padim", "patchcore"), *, backbone="wide_resne
                  f"{metrics['pixel_auroc']:.4f}; fit {fit_seconds:.1f}s (" +
                  ", ".join(f"{k} {v:.1f}s" for k, v in sorted(fit_stages.items())) + "); score " +
                  ", ".join(f"{k} {v:.1f}s" for k, v in sorted(score_stages.items())))
+    # Others' CPU time while bench ran, not the load average after it, which counts bench's own threads.
+    cpu_end, wall = cpu_seconds(), time.perf_counter() - wall_start
+    where["others_cpu_share"] = None if cpu_start is None or cpu_end is None else \
+        max(0.0, (cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])) / (wall * cores)
+    if where["others_cpu_share"] and where["others_cpu_share"] > 0.1:
+        warn(f"other processes used {where['others_cpu_share']:.0%} of the {cores} cores while bench ran: "
+             f"the timings are slower than this machine can do")
+    for r in results:
+        r["machine"] = where
     return results
 
 
@@ -2284,6 +2498,8 @@ def overlay(image, anomaly_map, low, pixel_threshold):
     inspected = np.isfinite(anomaly_map)[..., None]
     t = (anomaly_map - low) / max(2 * (pixel_threshold - low), 1e-12)
     out = np.where(inspected, 0.55 * rgb + 0.45 * colorize(np.nan_to_num(t)), rgb)
+    import scipy.ndimage  # only heat maps need it
+
     region = np.nan_to_num(anomaly_map, nan=-np.inf) > pixel_threshold
     edge = region & ~scipy.ndimage.binary_erosion(region, iterations=2)
     out[edge] = 255
@@ -2524,9 +2740,9 @@ def common_options(f):
                      "each scored at full resolution, maps blended back [default: no tiling]."),
         click.option("--tile-overlap", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True,
                      help="Fraction by which neighbouring tiles overlap."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-                     help="Number format of the backbone; statistics and distances stay fp32/fp64 (README: "
-                          "Precision)."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="Number format of the backbone and of training; statistics and distances stay "
+                          "fp32/fp64; auto is fp32 (README: Precision)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="Seeds every random choice."),
         click.option("--holdout", type=float, default=0.1, show_default=True,
@@ -2717,7 +2933,10 @@ def bench_command(models, data, more_data, json_file, backbone, weights, image_s
     source = ", ".join(map(str, dirs)) if dirs else "the embedded synthetic set (a smoke test, not a benchmark)"
     framing = f"image size {image_size} {resize}" + (f", tiles {tile} overlap {tile_overlap}" if tile else "")
     dtype = results[0]["dtype"] if results else precision
-    click.echo(f"data: {source}\nweights: {label}; {framing}; {dtype}; seed {seed}; vad {__version__}\n")
+    where = results[0]["machine"] if results else machine()
+    click.echo(f"data: {source}\nweights: {label}; {framing}; {dtype}; seed {seed}; vad {__version__}\n"
+               f"machine: {where['cpu']} ({where['isa']}), {where['threads']} threads of {where['cores']} cores, "
+               f"torch {where['torch']}\n")
     click.echo(bench_table(results))
     if json_file:
         atomic_write(json_file, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
