@@ -43,6 +43,10 @@ References:
                 IEEE TPAMI 2011 (the inverted file that PatchCore's exact search prunes)
     MVTec AD    Bergmann et al., "MVTec AD - A Comprehensive Real-World Dataset for
                 Unsupervised Anomaly Detection", CVPR 2019 (data layout, AUPRO)
+    Backbones   He et al., "Deep Residual Learning for Image Recognition", CVPR 2016;
+                Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016; Sandler et
+                al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018
+                (defined here in torchvision's layout, so its ImageNet files load)
 """
 
 import base64
@@ -167,8 +171,8 @@ def pick_device(device="auto"):
 # Statistics, covariances, Cholesky factors, distances and a trained network's scoring
 # stay fp32/fp64 whatever is asked. No choice depends on the CPU's instruction set, so
 # one command and seed make the same model on every machine, up to the rounding of its
-# fp32 kernels (README, "Precision"). bf16 keeps fp32's range with an 8-bit mantissa;
-# fp16 has 11 bits but overflows past 65504.
+# fp32 kernels (README, "Precision, CPUs and threads"). bf16 keeps fp32's range with an
+# 8-bit mantissa; fp16 has 11 bits but overflows past 65504.
 HALF_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: fp32, kept for older scripts
 
@@ -776,11 +780,10 @@ def synthetic_data():
 # -----------------------------------------------------------------------------
 # Backbones: ResNet-18, Wide-ResNet-50-2 and MobileNetV2, defined here up to their taps
 
-# The networks are written out in torchvision's module layout (He et al. 2016; Zagoruyko &
-# Komodakis 2016; Sandler et al. 2018), so torchvision's ImageNet files and any state dict
-# saved from torchvision load into them unchanged, and they give the same features bit
-# for bit (a test checks it). Defining them here keeps torchvision, a second of import
-# time, off every path of vad, and builds only the layers a detector taps.
+# The networks are written out in torchvision's module layout, so torchvision's ImageNet
+# files and any state dict saved from torchvision load into them unchanged, and they give
+# the same features bit for bit (a test checks it). Defining them here keeps torchvision,
+# and its import time, off every path of vad, and builds only the layers a detector taps.
 
 # Channels of the three taps of each backbone. ResNets: layer1/2/3 (strides 4/8/16).
 # MobileNetV2 has no named layers; its taps are the last blocks at strides 4, 8 and 16,
@@ -2727,7 +2730,7 @@ def common_options(f):
     """Options shared by fit and bench."""
     options = [
         click.option("--backbone", type=click.Choice(list(BACKBONES)), default="wide_resnet50_2", show_default=True,
-                     help="torchvision backbone (truncated after the deepest layer used)."),
+                     help="Backbone, in torchvision's layout (truncated after the deepest layer used)."),
         click.option("--weights", default="imagenet", show_default=True,
                      help="imagenet (torchvision's, downloaded once), none (random init), or a state-dict PATH."),
         click.option("--image-size", default=str(DEFAULT_IMAGE_SIZE), show_default=True, metavar="N|HxW|native",
@@ -2742,7 +2745,7 @@ def common_options(f):
                      help="Fraction by which neighbouring tiles overlap."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                      help="Number format of the backbone and of training; statistics and distances stay "
-                          "fp32/fp64; auto is fp32 (README: Precision)."),
+                          "fp32/fp64; auto is fp32 (README: Precision, CPUs and threads)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="Seeds every random choice."),
         click.option("--holdout", type=float, default=0.1, show_default=True,
