@@ -804,6 +804,13 @@ IMAGENET_URLS = {
 }
 
 
+def _shortcut(c_in, c_out, stride):
+    """The projection shortcut where a block changes shape (None: the identity)."""
+    if stride == 1 and c_in == c_out:
+        return None
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+
 class BasicBlock(nn.Module):
     """ResNet-18's block: two 3x3 convolutions and a shortcut."""
 
@@ -844,13 +851,6 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
-
-
-def _shortcut(c_in, c_out, stride):
-    """The projection shortcut where a block changes shape (None: the identity)."""
-    if stride == 1 and c_in == c_out:
-        return None
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
 
 class ResNet(nn.Module):
@@ -2840,7 +2840,8 @@ def _output_name(path, parent, folder, suffix):
 @click.option("--fail-on-anomaly", is_flag=True, help="Exit 1 when any image is judged anomalous.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(("model",) + PRECISIONS), default="model", show_default=True,
-              help="Backbone number format; model: the one it was fitted and calibrated with.")
+              help="Number format of the backbone; model: the one it was fitted and calibrated with; "
+                   "auto is fp32.")
 @click.option("--batch-size", type=click.IntRange(1), default=BATCH_SIZE, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes on stderr.")
 def score_command(model_file, inputs, as_json, heatmaps, maps, fail_on_anomaly, device, precision, batch_size, quiet):
@@ -2953,7 +2954,8 @@ def bench_command(models, data, more_data, json_file, backbone, weights, image_s
               help="Largest request body accepted; larger ones get 413.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(("model",) + PRECISIONS), default="model", show_default=True,
-              help="Backbone number format; model: the one it was fitted and calibrated with.")
+              help="Number format of the backbone; model: the one it was fitted and calibrated with; "
+                   "auto is fp32.")
 @click.option("--quiet", "-q", is_flag=True, help="No request log on stderr.")
 def serve_command(model_files, host, port, max_bytes, device, precision, quiet):
     """Serve an upload-and-inspect page and a JSON endpoint for fitted models.
