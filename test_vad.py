@@ -875,6 +875,8 @@ def test_default_precision_is_fp32_on_a_cpu_that_reports_amx(name, dataset, tmp_
         assert det.precision == "bf16" and any(seen)
         vad.save(det, tmp_path / "bf16.pt")
         assert vad.load(tmp_path / "bf16.pt").precision == "bf16"
+        det = fit(precision="fp16")  # autocast to fp16 with loss scaling
+        assert det.precision == "fp16" and np.isfinite(float(det.threshold))
 
 
 def test_precision_is_saved_and_can_be_overridden(dataset, tmp_path):

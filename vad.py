@@ -998,7 +998,7 @@ class FeatureExtractor(nn.Module):
         self.name, self.layers = name, tuple(layers)
         net = build_backbone(name, max(self.layers))
         if weights != "empty":  # "empty": the weights come next, from a vad model file
-            # building a frozen backbone (WRN50: 1 s of random init) is not detector work
+            # building a frozen backbone (random init or loading weights) is not detector work
             with timed("backbone") if frozen else contextlib.nullcontext():
                 net.to_empty(device="cpu")
                 if weights == "none":
