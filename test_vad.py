@@ -496,10 +496,10 @@ def test_detector_scores_shapes_and_threshold_from_holdout(name, fitted, dataset
 
 def test_scores_agree_across_threads_and_cpu_kernels(fitted, dataset):
     """PaDiM and PatchCore, fitted and scored with 1 thread and torch's and oneDNN's AVX2
-    kernels, give this session's scores to 1e-5 relative (measured: up to 1.2e-6). On an AVX-512
-    or AMX CPU the flags switch it to the AVX2 code paths; on an AVX2 CPU only the
-    threads differ. (Training amplifies rounding: the trained detectors' scores agree
-    less closely, README "Precision, CPUs and threads".)"""
+    kernels, give this session's scores to 1e-5 relative (measured: up to 1.2e-6). On
+    an AVX-512 or AMX CPU the flags switch it to the AVX2 code paths; on an AVX2 CPU
+    only the threads differ. (Training amplifies rounding: the trained detectors'
+    scores agree less closely, README "Precision, CPUs and threads".)"""
     script = ("import json, sys, torch, vad; torch.set_num_threads(1); data = vad.read_dataset(sys.argv[1]); "
               "print(json.dumps({n: [r.score for r in vad.score_files(vad.fit(data.train, n, backbone='resnet18', "
               "weights='none', image_size=int(sys.argv[3]), device='cpu', settings=s), data.test, desc=None)] "
