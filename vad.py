@@ -28,7 +28,29 @@ Python API:
     model = vad.load("bottle.pt")
     image_scores, anomaly_maps = model.score(images)  # images: (B, 3, H, W) in [0, 1]
 
+Contents (in file order):
+    Errors, messages, device and precision   one-line errors, stderr notes, the precision policy
+    Backbones               ResNet-18, Wide-ResNet-50-2, MobileNetV2 in torchvision's layout
+    Anomaly maps            bilinear upsampling and Gaussian blur as matrix products
+    Detector                the frame every detector shares (config, buffers, calibration)
+    PaDiM                   Mahalanobis distances, a Gaussian per position
+    PatchCore's memory bank greedy coreset, Voronoi cells, exact nearest-neighbour search
+    PatchCore               patch features, eq. 7
+    Detectors that train    augmentation, the training loop, fused maps
+    EfficientAD, Autoencoder and SSIM
+    Detector registry       DETECTORS, -s KEY=VALUE settings
+    Model files             save, load (one .pt, weights_only)
+    Framing and image I/O   working frame, tiles, reading images, masks and data sets
+    API                     fit, score_files, evaluate, metrics
+    Bench                   bench and the embedded synthetic set
+    Heat maps, Serving      overlays; the upload-and-inspect page and JSON endpoint
+    Plumbing                progress bars, stage timers, prefetching, peak memory, atomic writes
+    CLI                     fit, score, bench, serve
+
 References:
+    Report      "Visual Anomaly Detection and Segmentation for Industrial Inspection"
+                (ENSA Tetouan), the report this tool grew from, cited as "the report":
+                its EfficientAD (sec. 4.3), autoencoder (sec. 4.4) and web service (ch. 6)
     SSIM        Wang et al., "Image Quality Assessment: From Error Visibility to
                 Structural Similarity", IEEE TIP 2004
     PatchCore   Roth et al., "Towards Total Recall in Industrial Anomaly Detection",
@@ -84,8 +106,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 __version__ = "0.1.0"
 FORMAT_NAME = "vad-model"
-FORMAT_VERSION = 3  # bump on any change to what a .pt holds; older files are refused (2: framing, 3: search cells)
-
+FORMAT_VERSION = 3  # bump on any change to what a .pt holds; other versions are refused (history: README)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision ImageNet backbone expects these
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,7 +119,7 @@ MAX_PIXELS = 100_000_000  # larger images are refused before decoding (decompres
 CACHE_DIR = Path(os.environ.get("VAD_CACHE", Path.home() / ".cache" / "vad"))
 
 # -----------------------------------------------------------------------------
-# Utilities
+# Errors, messages, device and precision
 
 
 class VadError(Exception):
@@ -116,43 +137,6 @@ def note(message):
 def warn(message):
     """Warnings reach stderr even with --quiet: they say something the user must know."""
     click.echo(f"warning: {message}", err=True)
-
-
-def progress(iterable, total=None, desc="", status=None):
-    """Yield from `iterable`, drawing a progress bar with time left on stderr; `status`,
-    a function, adds a live note such as the current loss.
-
-    On a terminal the bar redraws in place; elsewhere (logs, CI) a line is written every
-    30 s and one when the step ends, so captured stderr stays readable.
-    """
-    if not VERBOSE:
-        yield from iterable
-        return
-    total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
-    live = sys.stderr.isatty()
-    start = last = time.perf_counter()
-    i = 0
-
-    def line(now):
-        left = f"<{(now - start) / i * (total - i):.0f}s" if total and i else ""
-        count = f"{i}/{total}" if total else f"{i}"
-        return f"{desc}: {count} [{now - start:.0f}s{left}]" + (f" {status()}" if status else "")
-
-    for i, item in enumerate(iterable, 1):
-        yield item
-        now = time.perf_counter()
-        if live and (now - last > 0.2 or i == total):
-            last = now
-            sys.stderr.write(f"\r{line(now)}  ")
-            sys.stderr.flush()
-        elif not live and now - last > 30:
-            last = now
-            sys.stderr.write(line(now) + "\n")
-    now = time.perf_counter()
-    if live:
-        sys.stderr.write("\n")
-    elif now - start > 2:
-        sys.stderr.write(line(now) + "\n")
 
 
 def pick_device(device="auto"):
@@ -217,129 +201,1349 @@ def pick_precision(precision, device):
         warn("--precision bf16: this CPU has no bf16 instructions (AMX/AVX512-BF16); it will be slower than fp32")
     return precision
 
+# -----------------------------------------------------------------------------
+# Backbones: ResNet-18, Wide-ResNet-50-2 and MobileNetV2, defined here up to their taps
 
-STAGE_SECONDS = collections.defaultdict(float)  # wall seconds per stage since the last clear (bench)
+# The networks are written out in torchvision's module layout, so torchvision's ImageNet
+# files and any state dict saved from torchvision load into them unchanged, and they give
+# the same features bit for bit (a test checks it). Defining them here keeps torchvision,
+# and its import time, off every path of vad, and builds only the layers a detector taps.
+
+# Channels of the three taps of each backbone. ResNets: layer1/2/3 (strides 4/8/16).
+# MobileNetV2 has no named layers; its taps are the last blocks at strides 4, 8 and 16,
+# features[3] (24 ch), features[6] (32 ch) and features[13] (96 ch), the same points
+# timm's features_only uses, so they play the roles of ResNet layer1/2/3.
+BACKBONES = {
+    "wide_resnet50_2": (256, 512, 1024),
+    "resnet18": (64, 128, 256),
+    "mobilenet_v2": (24, 32, 96),
+}
+MOBILENET_STAGES = ((0, 4), (4, 7), (7, 14))  # features[a:b] for each stage
+
+# torchvision's IMAGENET1K_V1 files (the papers' weights); the hash prefix in each name is
+# checked after download
+IMAGENET_URLS = {
+    "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "mobilenet_v2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+}
 
 
-@contextlib.contextmanager
-def timed(stage, device=None):
-    """Add the block's wall time to STAGE_SECONDS[stage]. On CUDA the device is synchronized
-    at both ends, else queued kernels would be billed to whichever stage waits next."""
-    sync = device is not None and device.type == "cuda"
-    if sync:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+def _shortcut(c_in, c_out, stride):
+    """The projection shortcut where a block changes shape (None: the identity)."""
+    if stride == 1 and c_in == c_out:
+        return None
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18's block: two 3x3 convolutions and a shortcut."""
+
+    def __init__(self, c_in, c, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.downsample = _shortcut(c_in, c, stride)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """Wide-ResNet-50-2's block: 1x1 in, 3x3 at twice ResNet-50's width, 1x1 out to 4c."""
+
+    def __init__(self, c_in, c, stride=1, width=2):
+        super().__init__()
+        w = c * width
+        self.conv1 = nn.Conv2d(c_in, w, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.conv2 = nn.Conv2d(w, w, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(w)
+        self.conv3 = nn.Conv2d(w, 4 * c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * c)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(c_in, 4 * c, stride)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """A ResNet's stem and its first `depth` layers (the rest and the classifier are never
+    used). forward is not defined: FeatureExtractor runs the stages."""
+
+    def __init__(self, block, blocks, depth):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        c_in, expansion = 64, 4 if block is Bottleneck else 1
+        for i, (n, c) in enumerate(zip(blocks[:depth], (64, 128, 256))):
+            stride = 1 if i == 0 else 2
+            layer = [block(c_in, c, stride)] + [block(c * expansion, c) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+            c_in = c * expansion
+
+
+def _conv_bn_relu6(c_in, c_out, kernel=3, stride=1, groups=1):
+    """torchvision's Conv2dNormActivation as MobileNetV2 uses it."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion by t, 3x3 depthwise, linear 1x1 projection."""
+
+    def __init__(self, c_in, c_out, stride, t):
+        super().__init__()
+        hidden = c_in * t
+        layers = [_conv_bn_relu6(c_in, hidden, 1)] if t != 1 else []
+        layers += [_conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
+                   nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) up to features[blocks - 1]."""
+    SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1))  # t, c, n, s
+
+    def __init__(self, blocks):
+        super().__init__()
+        features, c_in = [_conv_bn_relu6(3, 32, stride=2)], 32
+        for t, c, n, s in self.SETTING:
+            for i in range(n):
+                features.append(InvertedResidual(c_in, c, s if i == 0 else 1, t))
+                c_in = c
+        self.features = nn.Sequential(*features[:blocks])
+
+
+def build_backbone(name, depth):
+    """The network `name` up to tap `depth` (1-3), in torchvision's layout, uninitialized
+    (on the meta device: no memory, no random numbers drawn)."""
+    with torch.device("meta"):
+        if name == "mobilenet_v2":
+            return MobileNetV2(MOBILENET_STAGES[depth - 1][1])
+        if name == "resnet18":
+            return ResNet(BasicBlock, (2, 2, 2), depth)
+        return ResNet(Bottleneck, (3, 4, 6), depth)
+
+
+def init_backbone(net):
+    """Random weights as torchvision initializes these networks: He-normal convolutions
+    (fan out), batch norms at identity. Deterministic under the caller's torch seed."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()  # weight 1, bias 0, running mean 0 and variance 1
+
+
+def _stages(name, net):
+    """The network split into its three tap stages, the stem in the first."""
+    if name == "mobilenet_v2":
+        return [net.features[a:b] for a, b in MOBILENET_STAGES if a < len(net.features)]
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+    return [stem] + [getattr(net, f"layer{i}") for i in (2, 3) if hasattr(net, f"layer{i}")]
+
+
+def load_tensors(path, missing, unreadable):
+    """torch.load of a file that may be crafted: only tensors and plain containers are
+    unpickled (weights_only), so loading cannot run code. missing and unreadable are the
+    one-line errors (unreadable's {reason} says why)."""
+    if not Path(path).is_file():
+        raise VadError(missing)
     try:
-        yield
-    finally:
-        if sync:
-            torch.cuda.synchronize(device)
-        STAGE_SECONDS[stage] += time.perf_counter() - start
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        unsafe = "weights_only" in str(e) or "Unpickl" in type(e).__name__
+        reason = "refused unsafe content" if unsafe else "unreadable or truncated"
+        raise VadError(unreadable.replace("{reason}", reason)) from None
 
 
-def prefetch(iterable, depth=2):
-    """Yield from `iterable`, run `depth` items ahead in a background thread: the next
-    images are decoded while the current batch is computed (Pillow and torch release the
-    GIL while they work). Exceptions surface at the consumer, in order."""
-    items, stop, end = queue.Queue(depth), threading.Event(), object()
-
-    def put(item):
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work():
+def load_backbone_weights(name, weights):
+    """State dict for `name` in torchvision's layout: "imagenet" downloads torchvision's
+    file into the torch hub cache (or finds it there), anything else is a path to a
+    torchvision state dict."""
+    if weights == "imagenet":
+        url = IMAGENET_URLS[name]
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
         try:
-            for item in iterable:
-                if not put((item, None)):
-                    return
-            put((end, None))
-        except BaseException as e:  # handed to the consumer
-            put((end, e))
+            with contextlib.redirect_stdout(sys.stderr):  # torch.hub announces downloads on stdout
+                return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=VERBOSE,
+                                                          check_hash=True, weights_only=True)
+        except Exception as e:  # urllib raises several types offline
+            raise VadError(
+                f"cannot get ImageNet weights for {name} ({type(e).__name__}: {e}); offline, put "
+                f"{Path(url).name} in {cache}, or pass --weights PATH to a torchvision state dict, "
+                f"or --weights none for random init") from None
+    state = load_tensors(weights, f"--weights {weights}: no such file; use imagenet, none, or a path to a "
+                                  f"torchvision state dict", f"--weights {weights}: not a readable state dict ({{reason}})")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise VadError(f"--weights {weights}: not a state dict")
+    return state
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
+
+def load_truncated(net, state, name, weights):
+    """Copy a whole network's state dict into the truncated `net`: every tensor `net` has
+    must be there with its shape; those of the layers beyond the taps are ignored."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise VadError(f"--weights {weights} does not fit {name}: {len(missing)} of its {len(own)} tensors "
+                       f"missing, {missing[0]} the first")
     try:
-        while True:
-            with timed("load"):
-                item, error = items.get()
-            if error is not None:
-                raise error
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
+        net.load_state_dict({k: state[k] for k in own})
+    except Exception as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise VadError(f"--weights {weights} does not fit {name}: {first}") from None
 
 
-class PeakMemory:
-    """Context manager measuring the peak resident memory (bytes) of the block.
+class FeatureExtractor(nn.Module):
+    """A backbone cut after the deepest stage a detector uses, with the input
+    normalization built in: it takes images in [0, 1] and returns the tapped maps.
 
-    Linux lets a process reset its high-water mark (write 5 to /proc/self/clear_refs),
-    which makes the peak of one block exact. Elsewhere the process-wide peak is used.
+    weights: "imagenet", "none" (random init, seeded by the caller), a state-dict path,
+    or "empty" (no init at all: the weights come next from a vad model file). A frozen
+    extractor (the default) never trains; EfficientAD's student is one that does.
     """
 
-    def __enter__(self):
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.exact = True
-        except OSError:
-            self.exact = False
-        return self
+    def __init__(self, name, layers, weights="imagenet", frozen=True):
+        super().__init__()
+        self.frozen = frozen
+        if name not in BACKBONES:
+            raise VadError(f"unknown backbone {name!r}: choose from {', '.join(BACKBONES)}")
+        self.name, self.layers = name, tuple(layers)
+        net = build_backbone(name, max(self.layers))
+        if weights != "empty":  # "empty": the weights come next, from a vad model file
+            # building a frozen backbone (random init or loading weights) is not detector work
+            with timed("backbone") if frozen else contextlib.nullcontext():
+                net.to_empty(device="cpu")
+                if weights == "none":
+                    init_backbone(net)
+                else:
+                    load_truncated(net, load_backbone_weights(name, weights), name, weights)
+        self.stages = nn.ModuleList(_stages(name, net))
+        if weights == "empty":
+            self.stages.to_empty(device="cpu")
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.requires_grad_(not frozen)
+        self.eval()
+        self.precision = "fp32"
 
-    def __exit__(self, *exc):
-        self.peak = None
-        if self.exact:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak = int(line.split()[1]) * 1024
-        if self.peak is None:
-            scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    def set_precision(self, precision):
+        """fp32, or bf16/fp16 for the convolutions (autocast, channels_last: the layout
+        oneDNN's AMX kernels and cuDNN's tensor cores want). Frozen extractors only."""
+        self.precision = precision if self.frozen else "fp32"
+        layout = torch.channels_last if self.precision in HALF_TYPES else torch.contiguous_format
+        self.stages.to(memory_format=layout)
 
+    @property
+    def channels(self):
+        return [BACKBONES[self.name][i - 1] for i in self.layers]
 
-def machine():
-    """Where a benchmark runs: CPU model, ISA level, threads, torch version."""
-    return {"cpu": cpu_info()[0], "isa": isa_level(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "vad": __version__}
+    def train(self, mode=True):
+        return super().train(mode and not self.frozen)  # frozen: batch norm keeps its ImageNet statistics
 
-
-def cpu_seconds():
-    """(CPU seconds the whole machine has been busy, of which this process) so far; None
-    where /proc/stat is missing (not Linux). Steal time counts as busy: it is time a
-    virtual machine's core was given to another guest."""
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = ticks
-    own = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto `path`: readers see the old file or the
-    whole new one, never a partial one, whatever interrupts the write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder (rename is atomic only within a file system); created by write() itself
-    # so the file gets the usual permissions, not mkstemp's 0600.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def forward(self, images, channels_last=False):
+        """images (B, 3, H, W) in [0, 1] -> list of maps (B, C_l, H/s_l, W/s_l), one per layer,
+        fp32; contiguous, or with channels_last=True in whichever layout is at hand
+        (a half-precision backbone's is channels last, and a caller that wants it
+        need not have it transposed there and back)."""
+        x = (images - self.mean) / self.std
+        half = HALF_TYPES.get(self.precision)
+        with contextlib.ExitStack() as stack:
+            if self.frozen:
+                stack.enter_context(timed("features", x.device))
+            if half is not None:
+                stack.enter_context(torch.autocast(x.device.type, half))
+                x = x.contiguous(memory_format=torch.channels_last)
+            features = []
+            for depth, stage in enumerate(self.stages, 1):
+                x = stage(x)
+                if depth in self.layers:
+                    features.append(x if half is None else x.float() if channels_last else x.float().contiguous())
+        return features
 
 # -----------------------------------------------------------------------------
-# Image data
+# Anomaly maps: bilinear upsampling and Gaussian blur as matrix products
+
+
+def gaussian_kernel(sigma, truncate=4.0):
+    """1-D Gaussian of radius int(truncate*sigma + 0.5), as scipy.ndimage builds it."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def blur_matrix(n, sigma):
+    """(n, n) matrix G with G @ v = v blurred by a 1-D Gaussian, the borders mirrored
+    without repeating the edge sample (scipy.ndimage mode="mirror")."""
+    if sigma <= 0:
+        return torch.eye(n, dtype=torch.float64)
+    k = gaussian_kernel(sigma)
+    r = min(len(k) // 2, n - 1)  # a reflection cannot reach past the far edge
+    k = k[len(k) // 2 - r: len(k) // 2 + r + 1]
+    columns = F.pad(torch.eye(n, dtype=torch.float64)[:, None], (r, r), mode="reflect")  # (n, 1, n + 2r)
+    return F.conv1d(columns, k.view(1, 1, -1))[:, 0].T  # blur of each unit vector = a column of G
+
+
+def upsample_matrix(n, size):
+    """(size, n) matrix U with U @ v = v linearly resized to `size` samples (half-pixel
+    centers, torch's align_corners=False): one axis of bilinear upsampling."""
+    eye = torch.eye(n, dtype=torch.float64)[:, None]  # (n, 1, n)
+    return F.interpolate(eye, size=size, mode="linear", align_corners=False)[:, 0].T
+
+
+@functools.lru_cache(maxsize=16)
+def _postprocess_matrix(n, size, sigma, device, dtype):
+    return (blur_matrix(size, sigma) @ upsample_matrix(n, size)).to(device, dtype)
+
+
+def upsample_and_blur(patch_maps, size, sigma=BLUR_SIGMA):
+    """Patch scores (B, h, w) -> anomaly maps (B, H, W), size = (H, W) or N for (N, N):
+    bilinear upsampling, then a
+    Gaussian blur, as both PaDiM and PatchCore post-process. Both steps are separable and
+    linear, so the whole thing is A_h @ map @ A_w^T with A = blur @ upsample, two small
+    matrix products instead of a 33-tap convolution over every output pixel."""
+    B, h, w = patch_maps.shape
+    H, W = (size, size) if isinstance(size, int) else size
+    with timed("maps", patch_maps.device):
+        A_h = _postprocess_matrix(h, H, float(sigma), patch_maps.device, patch_maps.dtype)
+        A_w = _postprocess_matrix(w, W, float(sigma), patch_maps.device, patch_maps.dtype)
+        return A_h @ patch_maps @ A_w.T
+
+# -----------------------------------------------------------------------------
+# Detector: the frame every detector shares
+
+
+class Detector(nn.Module):
+    """Shared frame: a config, a frozen feature extractor, fitted state in buffers, and the
+    calibration that every detector gets from held-out normal images."""
+    name = None
+    Config = None
+    needs_calibration = False  # calibrate() wants held-out batches
+
+    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE):
+        super().__init__()
+        self.config = config
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)  # (H, W) input
+        self.framing = Framing(self.image_size)  # how images become inputs; fit() and load() set it
+        self.register_buffer("threshold", torch.tensor(float("nan")))  # on image scores
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))  # on map values
+        self.register_buffer("map_low", torch.tensor(0.0))  # typical normal map value (colour scale)
+        self.precision = "fp32"  # number format of the backbone and of training (set_precision)
+
+    @property
+    def device(self):
+        return self.threshold.device
+
+    def fit(self, batches, seed=0):
+        """Fit on an iterable of normal image batches (B, 3, H, W) in [0, 1]."""
+        raise NotImplementedError
+
+    def calibrate(self, batches):
+        """Map statistics from held-out normal image batches, for detectors that fuse or
+        normalize maps; called after fit and before the threshold is set."""
+
+    def score(self, images):
+        """images (B, 3, H, W) in [0, 1] -> (image_scores (B,), anomaly_maps (B, H, W))."""
+        raise NotImplementedError
+
+    def map_score(self, anomaly_map):
+        """The image score of a stitched or letterboxed map (its scored pixels, 1-D):
+        the maximum, as PaDiM and PatchCore score a map."""
+        return float(anomaly_map.max())
+
+    def set_precision(self, precision):
+        """fp32, bf16 or fp16 for the frozen backbone and for training steps (see
+        pick_precision); a trained network scores in fp32."""
+        self.precision = precision
+        for m in self.modules():
+            if isinstance(m, FeatureExtractor):
+                m.set_precision(precision)
+        return self
+
+
+def check_layers(layers):
+    """Backbone taps as a sorted tuple of distinct values from 1, 2, 3 (finest first)."""
+    layers = tuple(sorted(set(layers)))
+    if not layers or not set(layers) <= {1, 2, 3}:
+        raise ValueError("layers must be one or more of 1, 2, 3")
+    return layers
+
+# -----------------------------------------------------------------------------
+# PaDiM: a Gaussian per position, Mahalanobis distances
+
+
+def mahalanobis(x, mean, cholesky):
+    """Mahalanobis distances of x (P, d, B) to P Gaussians, mean (P, d) and the lower
+    Cholesky factor L (P, d, d) of each covariance: |L^-1 (x - mu)|, by one batched
+    triangular solve (no inverse is ever formed). Returns (P, B)."""
+    z = torch.linalg.solve_triangular(cholesky, x - mean[..., None], upper=False)  # (P, d, B)
+    return z.square().sum(1).sqrt()
+
+
+@dataclass
+class PaDiMConfig:
+    backbone: str = "wide_resnet50_2"
+    layers: tuple = (1, 2, 3)  # the paper concatenates layers 1-3 at layer 1's resolution
+    d: typing.Optional[int] = None  # random channels kept; None: per backbone, PADIM_DIMS
+    eps: float = 0.01  # covariance regularizer eps*I, the PaDiM reference code's value
+    blur_sigma: float = BLUR_SIGMA
+
+    def __post_init__(self):
+        self.layers = check_layers(self.layers)
+        if self.d is not None and self.d < 1:
+            raise ValueError("d must be a positive number of channels")
+        if self.eps <= 0:
+            raise ValueError("eps must be > 0 (it keeps the covariance invertible)")
+
+
+# d per backbone. The fitted state is a d x d Cholesky factor per layer-1 position
+# (64 x 64 at 256 px): 4096 * d^2 * 4 bytes, 164 MB at d = 100. The paper's d = 550 for
+# WRN50 would make a 5 GB model; d = 100 (the paper's ResNet18 value) keeps a
+# WRN50 bottle model under 300 MB and costs little accuracy (see README).
+PADIM_DIMS = {"wide_resnet50_2": 100, "resnet18": 100, "mobilenet_v2": 100}
+
+
+class PaDiM(Detector):
+    """PaDiM (arXiv:2011.08785). Every position of the layer-1 grid gets its own
+    multivariate Gaussian over a random subset of d channels of the concatenated layer
+    1-3 features. A patch's anomaly score is its Mahalanobis distance to the Gaussian of
+    its position; the image score is the maximum of the smoothed map."""
+    name = "padim"
+    Config = PaDiMConfig
+
+    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, image_size)
+        self.backbone = FeatureExtractor(config.backbone, config.layers, weights)
+        if config.d is None:
+            config.d = PADIM_DIMS[config.backbone]
+        if config.d > sum(self.backbone.channels):
+            raise ValueError(f"d={config.d} exceeds the {sum(self.backbone.channels)} channels of {config.backbone}")
+        self.register_buffer("channels", torch.empty(0, dtype=torch.long))  # (d,) chosen channels
+        self.register_buffer("mean", torch.empty(0))  # (P, d)
+        self.register_buffer("cholesky", torch.empty(0))  # (P, d, d), lower triangular
+
+    def embed(self, images):
+        """images (B, 3, H, W) -> the chosen channels at layer-1 resolution (B, d, h, w)."""
+        features = self.backbone(images)
+        h, w = features[0].shape[-2:]
+        parts, offset = [], 0
+        for f in features:
+            C = f.shape[1]
+            own = self.channels[(self.channels >= offset) & (self.channels < offset + C)] - offset
+            f = f[:, own]  # select before upsampling: only d channels ever reach full size
+            parts.append(f if f.shape[-2:] == (h, w) else F.interpolate(f, size=(h, w), mode="nearest"))
+            offset += C
+        return torch.cat(parts, 1)
+
+    @torch.no_grad()
+    def fit(self, batches, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        C = sum(self.backbone.channels)
+        self.channels = torch.randperm(C, generator=g)[: self.config.d].sort().values.to(self.device)
+        n, shift = 0, None
+        for images in batches:
+            x = self.embed(images.to(self.device))
+            with timed("covariance", self.device):
+                B, d, h, w = x.shape
+                x = x.reshape(B, d, h * w).permute(2, 1, 0)  # (P, d, B)
+                if shift is None:  # accumulate around a first estimate of the mean, for stability
+                    shift = x.mean(2, keepdim=True)
+                    s1 = torch.zeros_like(shift, dtype=torch.float64)  # (P, d, 1)
+                    s2 = torch.zeros(h * w, d, d, dtype=torch.float64, device=x.device)  # (P, d, d)
+                # One batch's centred products in fp32 (B terms: exact to ~1e-7), summed over
+                # batches in fp64: the statistics of fp64 products at fp32 speed (README, "Speed").
+                x = (x - shift).contiguous()
+                s1 += x.sum(2, keepdim=True)
+                s2 += torch.bmm(x, x.transpose(1, 2))
+                n += B
+        if n < 2:
+            raise VadError("PaDiM needs at least 2 training images")
+        if n <= d:
+            warn(f"PaDiM fitted on {n} images for d={d} feature dimensions: each covariance is "
+                 f"rank-deficient and held up by eps*I alone; use more than {d} normal images")
+        with timed("covariance", self.device):
+            m = s1 / n
+            cov = s2.sub_(n * m @ m.transpose(1, 2)).div_(n - 1)  # unbiased, as eq. 1 of the paper; in place
+            cov.diagonal(dim1=1, dim2=2).add_(self.config.eps)
+            self.mean = (m + shift.double())[..., 0].float()
+            self.cholesky = torch.linalg.cholesky(cov).float()
+
+    @torch.no_grad()
+    def score(self, images):
+        x = self.embed(images.to(self.device))
+        B, d, h, w = x.shape
+        with timed("mahalanobis", self.device):
+            dist = mahalanobis(x.reshape(B, d, h * w).permute(2, 1, 0), self.mean, self.cholesky)  # (P, B)
+        maps = upsample_and_blur(dist.T.reshape(B, h, w), self.image_size, self.config.blur_sigma)
+        return maps.amax((1, 2)), maps
+
+# -----------------------------------------------------------------------------
+# PatchCore's memory bank: greedy coreset and exact nearest-neighbour search
+
+
+def greedy_coreset(features, n, projection_dim=128, seed=0):
+    """Indices of n rows of features (N, D), or of the concatenation of a list of such
+    parts, chosen by greedy k-center selection (PatchCore sec. 3.2, Sener & Savarese
+    2018): each pick is the point farthest from those already picked. Distances are
+    taken after a seeded Gaussian random projection to `projection_dim` dims
+    (Johnson-Lindenstrauss), as the reference code does; the start point is seeded too.
+    Returns a LongTensor (n,) in pick order."""
+    parts = list(features) if isinstance(features, (list, tuple)) else [features]
+    N, D = sum(len(p) for p in parts), parts[0].shape[1]
+    g = torch.Generator().manual_seed(seed)
+    if projection_dim and D > projection_dim:
+        P = torch.randn(D, projection_dim, generator=g, dtype=parts[0].dtype) / math.sqrt(projection_dim)
+        x = torch.cat([p @ P.to(p.device) for p in parts])  # (N, k); the parts are never joined in full
+    else:
+        x = torch.cat(parts)
+    start = int(torch.randint(N, (1,), generator=g))
+    # Centering changes no distance but shrinks the norms, so |a|^2 - 2ab + |b|^2 cancels less.
+    x = (x - x.mean(0)).cpu().numpy()
+    return torch.from_numpy(greedy_kcenter(x, n, start))
+
+
+def greedy_kcenter(x, n, start, frontier=2048, batch=200):
+    """Exact greedy k-center on the rows of x (N, r), numpy: picks[0] = start, then each
+    pick is the row with the largest squared distance to its nearest earlier pick.
+
+    The plain algorithm streams all N rows once per pick. Here the running minima of all
+    rows are brought up to date only every `batch` picks, by matrix products with those
+    picks, and only for rows that the triangle inequality cannot rule out (a row can come
+    closer to pick q only if q lies within twice its current distance of its nearest
+    pick). In between, the `frontier` rows with the largest, possibly stale, minima are
+    updated after every pick. Minima only shrink, so a stale value bounds a row from
+    above: while the best frontier row beats every bound outside the frontier it is the
+    true farthest row. The picks are the plain algorithm's, up to floating-point ties.
+    (numpy, not torch: this loop is latency-bound and numpy's small ops are far cheaper.)
+    """
+    N = len(x)
+    n = min(n, N)
+    sq = np.einsum("ij,ij->i", x, x)
+    mind = np.full(N, np.inf, dtype=x.dtype)  # squared distance to the nearest applied pick
+    near = np.zeros(N, dtype=np.int64)  # that pick's position in `picks`
+    picks = np.empty(n, dtype=np.int64)
+    done, front, p = 0, None, start  # picks[:done] are applied to every row
+    for i in progress(range(n), n, "coreset"):
+        picks[i] = p
+        if front is not None:  # keep the frontier exact
+            d = f_sq - 2 * (f_x @ x[p]) + sq[p]
+            closer = d < f_mind
+            f_mind[closer], f_near[closer] = d[closer], i
+            j = int(f_mind.argmax())
+        if front is None or f_mind[j] < bound or i + 1 - done >= batch:
+            if front is not None:
+                mind[front], near[front] = f_mind, f_near
+            _apply_picks(x, sq, mind, near, picks, done, i + 1)
+            done = i + 1
+            k = min(frontier, N)
+            order = np.argpartition(mind, N - k - 1) if k < N else np.arange(N)  # order[N-k-1] in place
+            front, bound = order[N - k:], (mind[order[N - k - 1]] if k < N else -np.inf)
+            f_x, f_sq, f_mind, f_near = x[front], sq[front], mind[front], near[front]  # copies
+            j = int(f_mind.argmax())
+        p = int(front[j])
+    return picks
+
+
+def _apply_picks(x, sq, mind, near, picks, done, upto, chunk=4096):
+    """Lower mind/near of every row that picks[done:upto] can bring closer (in place)."""
+    new = picks[done:upto]
+    P, p_sq = -2 * x[new].T, sq[new]  # (r, m), (m,)
+    if done == 0:
+        rows = np.arange(len(x))
+    else:
+        old = picks[:done]
+        to_new = (sq[old][:, None] + x[old] @ P + p_sq).min(1)  # squared distance of each old pick to the nearest new one
+        to_new = np.r_[to_new, np.full(len(new), np.inf, dtype=x.dtype)]  # rows already nearest a new pick are exact
+        # triangle inequality with a margin for rounding: the margin only adds rows
+        rows = np.flatnonzero(to_new[near] < 4 * (1 + 1e-3) * mind + 1e-6 * sq.mean())
+    for a in range(0, len(rows), chunk):
+        r = rows[a: a + chunk]
+        d = x[r] @ P + p_sq  # (c, m): squared distance minus |x_r|^2
+        k = d.argmin(1)
+        d = d[np.arange(len(r)), k] + sq[r]
+        closer = d < mind[r]
+        mind[r[closer]], near[r[closer]] = d[closer], done + k[closer]
+
+
+def nearest_neighbors(queries, bank, k=1):
+    """k nearest rows of bank (K, D) for each of queries (M, D), by Euclidean distance.
+
+    Candidates come from one matrix product per block of queries,
+    |q - b|^2 = |q|^2 - 2 q.b + |b|^2, with blocks sized so that a block's distance
+    matrix fits in CHUNK_BYTES. Returns (distances (M, k), indices (M, k)), nearest first.
+    """
+    M, K = len(queries), len(bank)
+    k = min(k, K)
+    bank_sq = torch.linalg.vector_norm(bank, dim=1).square()  # no (K, D) temporary, unlike (b * b).sum(1)
+    rows = max(1, CHUNK_BYTES // (4 * K))
+    dists, index = [], []
+    for a in range(0, M, rows):
+        q = queries[a: a + rows]
+        # |q|^2 is the same along a row, so it cannot change the ranking: left out, and
+        # the rest is one fused product (bank_sq - 2 q b^T), one pass over the block.
+        d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2)
+        i = d2.argmin(1, keepdim=True) if k == 1 else d2.topk(k, dim=1, largest=False).indices
+        # The expansion cancels badly for near neighbours; recompute the k winners directly.
+        dists.append((q[:, None] - bank[i]).norm(dim=2))
+        index.append(i)
+    return torch.cat(dists), torch.cat(index)
+
+
+def voronoi_cells(bank, n, iters=10, seed=0):
+    """Split the rows of bank (K, D) into at most n Voronoi cells for cell_search: k-means
+    (Lloyd) on an even sample of about 32 rows per cell from seeded farthest-point
+    starts, then every row assigned to its nearest centre in fp64 (cell_search's bounds
+    need each row inside its centre's cell). Returns (order (K,): the rows grouped by
+    cell, centres (c, D), starts (c + 1,): cell j holds bank[order][starts[j]:starts[j + 1]],
+    radii (c,): each cell's largest distance from its centre); centres left without rows
+    are dropped."""
+    K = len(bank)
+    n = max(1, min(n, K))
+    sample = bank[::max(1, K // (32 * n))]
+    centres = sample[greedy_coreset(sample, n, seed=seed).to(bank.device)].clone()
+    for _ in range(iters if n > 1 else 0):
+        cell = torch.addmm(torch.linalg.vector_norm(centres, dim=1).square(), sample, centres.T, alpha=-2).argmin(1)
+        counts = torch.bincount(cell, minlength=n)
+        filled = counts > 0
+        centres[filled] = torch.zeros_like(centres).index_add_(0, cell, sample)[filled] / counts[filled, None]
+    rows = max(1, CHUNK_BYTES // (8 * max(n, bank.shape[1])))  # fp64 rows and their distances
+    c64 = centres.double()
+    cell = torch.cat([(torch.linalg.vector_norm(c64, dim=1).square() - 2 * bank[a: a + rows].double() @ c64.T).argmin(1)
+                      for a in range(0, K, rows)])
+    counts = torch.bincount(cell, minlength=n)
+    filled = counts > 0  # a row's nearest centre stays its nearest when unused centres go
+    cell, centres, counts = (filled.cumsum(0) - 1)[cell], centres[filled].contiguous(), counts[filled]
+    starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    radii = bank.new_zeros(len(centres)).scatter_reduce_(
+        0, cell, torch.linalg.vector_norm(bank - centres[cell], dim=1), "amax")
+    return torch.argsort(cell, stable=True), centres, starts, radii
+
+
+def _search_cells(queries, bank, bank_sq, starts, mask):
+    """Nearest row of bank for each query among the cells marked in mask (M, c), in the
+    expanded form |b|^2 - 2 q.b: returns (that value (M,), row (M,)), inf and -1 for a
+    query with no cell marked. One matrix product per cell, with the queries that visit it;
+    starts is a list."""
+    cells, rows = mask.T.nonzero().unbind(1)  # grouped by cell
+    found = bank.new_empty(len(rows))
+    index = torch.empty(len(rows), dtype=torch.long, device=bank.device)
+    a = 0
+    for j, k in enumerate(torch.bincount(cells, minlength=len(starts) - 1).tolist()):
+        if k:
+            s, e = starts[j], starts[j + 1]
+            found[a: a + k], index[a: a + k] = torch.addmm(bank_sq[s:e], queries.index_select(0, rows[a: a + k]),
+                                                           bank[s:e].T, alpha=-2).min(1)
+            index[a: a + k] += s
+            a += k
+    best = bank.new_full((len(queries),), math.inf).scatter_reduce_(0, rows, found, "amin")
+    nearest = torch.full((len(queries),), -1, dtype=torch.long, device=bank.device)
+    won = found == best[rows]
+    nearest[rows[won]] = index[won]
+    return best, nearest
+
+
+def _distances(queries, rows, block=1024):
+    """|queries[i] - rows[i]| for each i, computed directly; in blocks that stay in cache."""
+    return torch.cat([torch.linalg.vector_norm(queries[a: a + block] - rows[a: a + block], dim=1, keepdim=True)
+                      for a in range(0, len(queries), block)] or [queries.new_empty(0, 1)])
+
+
+def cell_search(queries, bank, centres, starts, radii, probe=1):
+    """Nearest row of bank (K, D), its rows grouped into Voronoi cells by voronoi_cells,
+    for each of queries (M, D): exact, as nearest_neighbors(queries, bank, 1), but most
+    cells are never visited (an inverted file, Jegou et al. 2011, made exact). Centre
+    the bank first: every fp32 distance here cancels less.
+
+    Each query first visits the cells of its `probe` nearest centres. A row b of another
+    cell c is closer to c than to the query's nearest centre m, so it lies beyond their
+    bisecting plane, |q - b| >= (|q - c|^2 - |q - m|^2) / (2 |c - m|), and within c's
+    radius of c, |q - b| >= |q - c| - r_c; cell c is visited too unless a bound beats
+    the distance found. With slack for fp32 rounding, the result is the exhaustive
+    search's up to floating-point ties. Returns (distances (M, 1), indices (M, 1)),
+    the winner's distance computed directly."""
+    M, D = queries.shape
+    largest = int((starts[1:] - starts[:-1]).max())
+    starts = starts.tolist()
+    c_norm = torch.linalg.vector_norm(centres, dim=1)
+    gaps = torch.cdist(centres.double(), centres.double()).float()  # fp64: exact enough through the expansion
+    bank_sq = torch.linalg.vector_norm(bank, dim=1).square()
+    slack = 2 * (D + 2) * torch.finfo(torch.float32).eps  # bounds an fp32 dot product's relative error
+    rows = max(1, CHUNK_BYTES // (4 * max(4 * len(centres), largest)))  # the (rows, n) bounds, a cell's distances
+    dists, index = [], []
+    for a in range(0, M, rows):
+        q = queries[a: a + rows]
+        q_norm = torch.linalg.vector_norm(q, dim=1, keepdim=True)
+        to_centre = torch.addmm(c_norm.square(), q, centres.T, alpha=-2) + q_norm.square()  # |q - c|^2 (m, n)
+        visit = torch.zeros_like(to_centre, dtype=torch.bool)
+        visit.scatter_(1, to_centre.topk(min(probe, len(centres)), dim=1, largest=False).indices, True)
+        found, nearest = _search_cells(q, bank, bank_sq, starts, visit)
+        d = _distances(q, bank.index_select(0, nearest))
+        reach = (1 + 1e-4) * d  # with slack for rounding
+        error = slack * (q_norm + c_norm).square()  # of each to_centre
+        m = to_centre.argmin(1, keepdim=True)
+        beyond_plane = to_centre - to_centre.gather(1, m) - error - error.gather(1, m) > 2 * gaps[m[:, 0]] * reach
+        beyond_ball = (to_centre - error).clamp_min(0).sqrt() > reach + (1 + 1e-4) * radii
+        more = ~(visit | beyond_plane | beyond_ball)
+        if more.any():
+            found2, nearest2 = _search_cells(q, bank, bank_sq, starts, more)
+            better = found2 < found
+            nearest[better] = nearest2[better]
+            d[better] = _distances(q[better], bank.index_select(0, nearest2[better]))
+        dists.append(d)
+        index.append(nearest[:, None])
+    return torch.cat(dists), torch.cat(index)
+
+# -----------------------------------------------------------------------------
+# PatchCore
+
+
+@dataclass
+class PatchCoreConfig:
+    backbone: str = "wide_resnet50_2"
+    layers: tuple = (2, 3)  # mid-level features: generic enough, still local (paper sec. 3.1)
+    coreset_ratio: float = 0.1  # the paper's 10% memory bank; 1.0 keeps every patch
+    projection_dim: int = 128  # coreset distances after a random projection, as the reference code
+    num_neighbors: int = 9  # b in eq. 7, the reference code's default
+    embed_dim: typing.Optional[int] = None  # pool patch features to this many dims (reference: 1024)
+    search_cells: int = 0  # Voronoi cells of the bank for the (exact) search; 0: sqrt(bank size)
+    search_probe: int = 1  # cells a patch visits first; others only if they could hold a nearer row
+    blur_sigma: float = BLUR_SIGMA
+
+    def __post_init__(self):
+        self.layers = check_layers(self.layers)
+        if self.search_cells < 0 or self.search_probe < 1:
+            raise ValueError("search_cells must be >= 0 and search_probe >= 1")
+        if not 0 < self.coreset_ratio <= 1:
+            raise ValueError("coreset_ratio must be in (0, 1]")
+        if self.num_neighbors < 1:
+            raise ValueError("num_neighbors must be >= 1")
+        if self.projection_dim < 0 or (self.embed_dim is not None and self.embed_dim < 1):
+            raise ValueError("projection_dim must be >= 0 and embed_dim >= 1")
+
+
+class PatchCore(Detector):
+    """PatchCore (arXiv:2106.08265). Locally averaged mid-level patch features of all
+    normal images form a memory bank, thinned by greedy coreset selection to a few
+    percent. A test patch scores its distance to the nearest bank entry; the image score
+    is the largest patch score, reweighted by how isolated its nearest entry is (eq. 7)."""
+    name = "patchcore"
+    Config = PatchCoreConfig
+
+    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, image_size)
+        self.backbone = FeatureExtractor(config.backbone, config.layers, weights)
+        self.register_buffer("memory_bank", torch.empty(0))  # (K, C), less bank_origin, grouped by cell
+        self.register_buffer("bank_origin", torch.empty(0))  # (C,) the bank's mean
+        self.register_buffer("cell_centres", torch.empty(0))  # (n, C)
+        self.register_buffer("cell_starts", torch.empty(0, dtype=torch.long))  # (n + 1,)
+        self.register_buffer("cell_radii", torch.empty(0))  # (n,)
+
+    def embed(self, images):
+        """images (B, 3, H, W) -> patch features (B, C, h, w) on the first layer's grid, a view of
+        channels-last memory (so that .permute(0, 2, 3, 1) is one row per patch, no copy)."""
+        features = self.backbone(images, channels_last=True)
+        B, (h, w) = len(images), features[0].shape[-2:]
+        # Channels last throughout: CPU pooling and resampling run several times faster on
+        # it (README, "Speed"), and the bank wants one row per patch.
+        x = features[0].new_empty(B, h, w, sum(f.shape[1] for f in features))
+        c = 0
+        for f in features:
+            # 3x3 neighbourhood average (sec. 3.1, p = 3), zero padded as in the reference
+            # code (excluding the padding measured 0.001 lower pixel AUROC on bottle).
+            f = F.avg_pool2d(f.contiguous(memory_format=torch.channels_last), 3, 1, 1)
+            if f.shape[-2:] != (h, w):
+                f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+            x[..., c: c + f.shape[1]] = f.permute(0, 2, 3, 1)
+            c += f.shape[1]
+        x = x.permute(0, 3, 1, 2)
+        if self.config.embed_dim:
+            B, C, h, w = x.shape
+            x = x.permute(0, 2, 3, 1).reshape(-1, 1, C)
+            x = F.adaptive_avg_pool1d(x, self.config.embed_dim).reshape(B, h, w, -1).permute(0, 3, 1, 2)
+        return x
+
+    def coreset(self, parts, seed):
+        """The coreset rows of the concatenation of parts, a list of (n_i, C) tensors."""
+        if self.config.coreset_ratio == 1:
+            return torch.cat(parts)
+        n = max(1, math.ceil(self.config.coreset_ratio * sum(len(p) for p in parts)))
+        with timed("coreset", self.device):
+            picks = greedy_coreset(parts, n, self.config.projection_dim, seed).to(self.device)
+            ends = torch.tensor([len(p) for p in parts], device=self.device).cumsum(0)
+            part = torch.searchsorted(ends, picks, right=True)
+            rows = parts[0].new_empty(len(picks), parts[0].shape[1])
+            for j, p in enumerate(parts):
+                mine = part == j
+                rows[mine] = p[picks[mine] - (ends[j] - len(p))]
+            return rows
+
+    @torch.no_grad()
+    def fit(self, batches, seed=0):
+        # Patches pile up until BANK_BYTES, are thinned to coreset_ratio, and the next
+        # ones pile up afresh: the bank is then a union of coresets of consecutive parts,
+        # which k-center coresets allow (Indyk et al., "Composable core-sets", PODS
+        # 2014), and memory stays bounded however many tiles or images there are. Under
+        # the budget (bottle at 256 px, even with WRN50) it is one coreset of everything.
+        thinned, raw, size = [], [], 0
+        for images in batches:
+            x = self.embed(images.to(self.device)).permute(0, 2, 3, 1).flatten(0, 2)  # (B*h*w, C)
+            raw.append(x)
+            size += x.numel() * x.element_size()
+            if size > BANK_BYTES and self.config.coreset_ratio < 1:
+                thinned.append(self.coreset(raw, seed + len(thinned)))
+                raw, size = [], 0
+        if raw:
+            thinned.append(self.coreset(raw, seed + len(thinned)))
+        bank = torch.cat(thinned)
+        # Centred, |q|^2 - 2 q.b + |b|^2 cancels far less: WRN50 patches have norms near
+        # 450 but lie 7 apart, and the search then agrees with an fp64 one where uncentred
+        # fp32 picked a farther row for 1 patch in 1,000.
+        self.bank_origin = bank.mean(0)
+        bank -= self.bank_origin
+        with timed("search", self.device):
+            n = self.config.search_cells or round(math.sqrt(len(bank)))
+            order, self.cell_centres, self.cell_starts, self.cell_radii = voronoi_cells(bank, n, seed=seed)
+            self.memory_bank = bank[order]
+
+    @torch.no_grad()
+    def score(self, images):
+        x = self.embed(images.to(self.device))
+        B, C, h, w = x.shape
+        patches = x.permute(0, 2, 3, 1).reshape(B * h * w, C)  # a view of embed's own buffer
+        patches -= self.bank_origin
+        with timed("search", self.device):
+            dist, nearest = cell_search(patches, self.memory_bank, self.cell_centres, self.cell_starts,
+                                        self.cell_radii, self.config.search_probe)
+        dist, nearest = dist.reshape(B, h * w), nearest.reshape(B, h * w)
+        maps = upsample_and_blur(dist.reshape(B, h, w), self.image_size, self.config.blur_sigma)
+        # Eq. 7: the worst patch m_test* scores s* = |m_test* - m*|, times 1 - softmax weight
+        # of m* among its b nearest bank neighbours N_b(m*): an isolated m* is trusted less.
+        b = torch.arange(B, device=x.device)
+        worst = dist.argmax(1)
+        s_star = dist[b, worst]
+        if min(self.config.num_neighbors, len(self.memory_bank)) < 2:
+            return s_star, maps
+        m_test = patches.reshape(B, h * w, C)[b, worst]  # (B, C)
+        m_star = self.memory_bank[nearest[b, worst]]  # (B, C)
+        with timed("search", self.device):
+            _, support = nearest_neighbors(m_star, self.memory_bank, self.config.num_neighbors)  # (B, b)
+        d = (m_test[:, None] - self.memory_bank[support]).norm(dim=2)  # (B, b)
+        weight = 1 - torch.exp(s_star - torch.logsumexp(d, 1))
+        return weight * s_star, maps
+
+# -----------------------------------------------------------------------------
+# Detectors that train: augmentation, the training loop, fused maps
+
+
+def augment(images, g, rotate=0.0, flip=False, jitter=0.0):
+    """Seeded random augmentation of a batch (B, 3, H, W) in [0, 1]: rotation by up to
+    `rotate` degrees (borders mirrored), horizontal and vertical flips, and brightness,
+    contrast and saturation each scaled by a factor in [1 - jitter, 1 + jitter]."""
+    B = len(images)
+    x = images
+    if rotate:
+        angle = (torch.rand(B, generator=g) * 2 - 1) * math.radians(rotate)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(B)], 1),
+                             torch.stack([sin, cos, torch.zeros(B)], 1)], 1).to(x)
+        grid = F.affine_grid(theta, x.shape, align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if flip:
+        h, v = torch.rand(B, generator=g) < 0.5, torch.rand(B, generator=g) < 0.5
+        x = torch.where(h.view(B, 1, 1, 1).to(x.device), x.flip(3), x)
+        x = torch.where(v.view(B, 1, 1, 1).to(x.device), x.flip(2), x)
+    if jitter:
+        b, c, s = (1 + (torch.rand(3, B, 1, 1, 1, generator=g) * 2 - 1) * jitter).to(x)
+        x = x * b
+        x = (x - x.mean((1, 2, 3), keepdim=True)) * c + x.mean((1, 2, 3), keepdim=True)
+        grey = x.mean(1, keepdim=True)
+        x = (x - grey) * s + grey
+    return x.clamp(0, 1)
+
+
+def train_autocast(device, precision):
+    """Autocast for a training step: on only when the user asked for bf16 or fp16
+    (--precision), never because of what the CPU happens to support, so one command makes
+    one model on any machine. Weights and optimizer state stay fp32."""
+    half = HALF_TYPES.get(precision)
+    return torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None)
+
+
+def train(parameters, epochs, lr_at, steps, precision="fp32"):
+    """Adam over `epochs`, the rate set by lr_at(epoch) at each epoch's start.
+    steps(epoch) yields (loss, batch size) for each batch: its forward pass; the
+    backward pass and the update happen here. Shows the epoch, the mean loss and the time
+    left."""
+    parameters = list(parameters)
+    optimizer = torch.optim.Adam(parameters, lr=lr_at(0))
+    # fp16 gradients underflow without loss scaling; bf16 keeps fp32's range and needs none
+    scaler = torch.amp.GradScaler(parameters[0].device.type, enabled=precision == "fp16")
+    last = [float("nan")]
+    for epoch in progress(range(epochs), epochs, "train", lambda: f"loss {last[0]:.4f}"):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch)
+        total = count = 0
+        with timed("training"):
+            for loss, size in steps(epoch):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total, count = total + float(loss.detach()) * size, count + size
+        last[0] = total / count
+
+
+def top_k_mean(maps, k):
+    """Mean of the k largest values of each map (B, H, W) -> (B,); k = 1 is the maximum."""
+    return maps.flatten(1).topk(min(k, maps[0].numel()), dim=1).values.mean(1)
+
+
+class FusedMapDetector(Detector):
+    """A detector whose map sums several component maps (B, K, H, W) from
+    component_maps(), each standardized with statistics of held-out normal images so
+    that components on different scales can be added."""
+
+    needs_calibration = True
+
+    def __init__(self, config, image_size, components):
+        super().__init__(config, image_size)
+        self.register_buffer("map_mean", torch.zeros(components))  # per component, held-out images
+        self.register_buffer("map_std", torch.ones(components))
+
+    @torch.no_grad()
+    def calibrate(self, batches):
+        maps = torch.cat([self.component_maps(b.to(self.device)) for b in batches])  # (N, K, H, W)
+        self.map_mean = maps.mean((0, 2, 3))
+        self.map_std = maps.std((0, 2, 3)).clamp_min(1e-12)
+
+    def standardized(self, maps):
+        return (maps - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
+
+    def image_scores(self, maps):
+        return top_k_mean(maps, self.config.top_k if self.config.image_score == "topk" else 1)
+
+    def map_score(self, anomaly_map):
+        return float(self.image_scores(anomaly_map.reshape(1, 1, -1))[0])
+
+# -----------------------------------------------------------------------------
+# EfficientAD
+
+
+@dataclass
+class EfficientADConfig:
+    backbone: str = "wide_resnet50_2"  # the frozen teacher
+    layers: tuple = (1, 2, 3)  # the report's three scales (sec. 4.3.1)
+    student_weights: str = "none"  # ResNet-18 student: random init as in EfficientAD, or "imagenet"/PATH
+    epochs: int = 30  # the report trains 100; see the README for what fewer costs
+    lr: float = 1e-3  # Adam, divided by 10 after lr_drop of the epochs (report: 80 of 100)
+    lr_drop: float = 0.8
+    batch_size: int = 8
+    hard_quantile: float = 0.0  # 0: plain MSE (report); 0.999: EfficientAD's hard-feature loss
+    augment_pool: int = 4  # versions of each image (the first unaugmented) with cached teacher targets
+    rotate: float = 10.0  # augmentation: degrees, flips, colour jitter (report sec. 4.3.3)
+    flip: bool = True
+    jitter: float = 0.1
+    fusion: str = "normalized"  # each scale standardized before the sum (measured best on bottle); raw: plain sum
+    image_score: str = "max"  # max, or topk: the mean of the top_k map values
+    top_k: int = 100
+    blur_sigma: float = BLUR_SIGMA
+
+    def __post_init__(self):
+        self.layers = check_layers(self.layers)
+        if self.epochs < 1 or self.batch_size < 1 or self.augment_pool < 1 or self.top_k < 1:
+            raise ValueError("epochs, batch_size, augment_pool and top_k must be >= 1")
+        if not 0 <= self.hard_quantile < 1 or not 0 < self.lr_drop <= 1:
+            raise ValueError("hard_quantile must be in [0, 1) and lr_drop in (0, 1]")
+        if self.fusion not in ("raw", "normalized") or self.image_score not in ("max", "topk"):
+            raise ValueError("fusion must be raw or normalized, image_score max or topk")
+
+
+class EfficientAD(FusedMapDetector):
+    """Multi-scale student-teacher distillation, as the report builds EfficientAD (its
+    sec. 4.3; Batzner et al., arXiv:2303.14535). A ResNet-18 student, through 1x1 linear
+    adapters, learns to reproduce the frozen pretrained teacher's normalized features at
+    three scales on normal images only; where it fails, the image is anomalous. The map
+    fuses the per-scale squared errors. Deviation from the original EfficientAD: no
+    autoencoder branch and a ResNet student, as in the report."""
+    name = "efficientad"
+    Config = EfficientADConfig
+
+    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, image_size, components=len(config.layers))
+        self.teacher = FeatureExtractor(config.backbone, config.layers, weights)
+        student_weights = "empty" if weights == "empty" else config.student_weights
+        try:
+            self.student = FeatureExtractor("resnet18", config.layers, student_weights, frozen=False)
+        except VadError as e:
+            raise VadError(f"student: {e}".replace("--weights ", "-s student_weights=")) from None
+        self.adapters = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(self.student.channels, self.teacher.channels))
+        C = sum(self.teacher.channels)
+        self.register_buffer("teacher_mean", torch.zeros(C))  # per channel, over the training images
+        self.register_buffer("teacher_std", torch.ones(C))
+
+    def normalize(self, features):
+        """Teacher features, one (B, C_l, h_l, w_l) per scale, standardized per channel."""
+        means = self.teacher_mean.split(self.teacher.channels)
+        stds = self.teacher_std.split(self.teacher.channels)
+        return [(f.float() - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1) for f, m, s in zip(features, means, stds)]
+
+    def targets(self, images):
+        return self.normalize(self.teacher(images))
+
+    def predictions(self, images):
+        return [adapt(f) for adapt, f in zip(self.adapters, self.student(images))]
+
+    def loss(self, targets, predictions):
+        """Sum over scales of the mean squared error (report eq. 4.4); with hard_quantile q,
+        only errors above their q-quantile count (EfficientAD's hard-feature loss)."""
+        total = 0
+        for t, p in zip(targets, predictions):
+            e = (t.float() - p.float()).square()
+            if self.config.hard_quantile:
+                flat = e.flatten()
+                # torch.quantile is limited to 16M elements; kthvalue gives the same order statistic
+                k = max(1, int(math.ceil(self.config.hard_quantile * flat.numel())))
+                e = flat[flat >= flat.kthvalue(k).values]
+            total = total + e.mean()
+        return total
+
+    def fit(self, batches, seed=0):
+        cfg = self.config
+        g = torch.Generator().manual_seed(seed)
+        images = torch.cat([(b * 255).round().to(torch.uint8) for b in batches])  # (N, 3, H, W), kept as bytes
+        N = len(images)
+        # One teacher pass over a pool of versions of each image (the first unaugmented):
+        # the targets are computed once, not every epoch; stored in bf16, normalized per
+        # channel with statistics of the unaugmented images when a batch is drawn.
+        pool, features, s1, s2 = [], [[] for _ in cfg.layers], 0, 0
+        with torch.no_grad():
+            for v in progress(range(cfg.augment_pool), cfg.augment_pool, "teacher"):
+                for a in range(0, N, cfg.batch_size):
+                    x = images[a: a + cfg.batch_size].float() / 255
+                    if v:
+                        x = augment(x, g, cfg.rotate, cfg.flip, cfg.jitter)
+                    pool.append((x * 255).round().to(torch.uint8))
+                    f = self.teacher(x.to(self.device))
+                    for store, t in zip(features, f):
+                        store.append(t.to(torch.bfloat16))
+                    if v == 0:  # per channel of each scale: sums over images and positions
+                        s1 = s1 + torch.cat([t.double().mean((2, 3)).sum(0) for t in f])
+                        s2 = s2 + torch.cat([t.double().square().mean((2, 3)).sum(0) for t in f])
+        self.teacher_mean = (s1 / N).float()
+        self.teacher_std = (s2 / N - (s1 / N) ** 2).clamp_min(1e-12).sqrt().float()
+        pool = torch.cat(pool).view(cfg.augment_pool, N, *images.shape[1:])
+        features = [torch.cat(f).view(cfg.augment_pool, N, *f[0].shape[1:]) for f in features]
+        def steps(epoch):  # each image once per epoch, in a random one of its versions
+            order, version = torch.randperm(N, generator=g), torch.randint(cfg.augment_pool, (N,), generator=g)
+            for a in range(0, N, cfg.batch_size):
+                i, v = order[a: a + cfg.batch_size], version[order[a: a + cfg.batch_size]]
+                x = (pool[v, i].to(self.device).float() / 255).contiguous(memory_format=torch.channels_last)
+                targets = self.normalize([f[v, i].to(self.device) for f in features])
+                with train_autocast(self.device, self.precision):
+                    yield self.loss(targets, self.predictions(x)), len(i)
+
+        # Train student and adapters: lr / 10 after lr_drop of the epochs (report: 80 of 100).
+        drop = max(1, round(cfg.lr_drop * cfg.epochs))
+        self.student.train()
+        self.student.to(memory_format=torch.channels_last)  # oneDNN trains convolutions faster in this layout
+        train(list(self.student.parameters()) + list(self.adapters.parameters()), cfg.epochs,
+              lambda epoch: cfg.lr if epoch < drop else cfg.lr / 10, steps, self.precision)
+        self.student.eval()
+        self.student.to(memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def component_maps(self, images):
+        """Per-scale squared errors, channel-averaged, upsampled and blurred -> (B, L, H, W)."""
+        maps = [(t - p).square().mean(1) for t, p in zip(self.targets(images), self.predictions(images))]
+        return torch.stack([upsample_and_blur(m, self.image_size, self.config.blur_sigma) for m in maps], 1)
+
+    @torch.no_grad()
+    def score(self, images):
+        maps = self.component_maps(images.to(self.device))
+        if self.config.fusion == "normalized":  # report sec. 4.3.4: standardize each scale before fusing
+            maps = self.standardized(maps)
+        maps = maps.sum(1)
+        return self.image_scores(maps), maps
+
+# -----------------------------------------------------------------------------
+# Autoencoder and SSIM
+
+
+def gaussian_window(size=11, sigma=1.5):
+    """The SSIM paper's 11x11 Gaussian window (sigma 1.5), as a (1, 1, 11, 11) kernel."""
+    k = gaussian_kernel(sigma, truncate=(size // 2) / sigma)
+    return (k[:, None] * k[None, :]).float()[None, None]
+
+
+def ssim_map(x, y, data_range=1.0):
+    """Per-pixel SSIM of images x, y (B, C, H, W) (Wang et al. 2004: 11x11 Gaussian
+    window, sigma 1.5, K1 = 0.01, K2 = 0.03), averaged over channels -> (B, H, W).
+    Borders are mirrored (scipy.ndimage mode="mirror")."""
+    B, C, H, W = x.shape
+    w = gaussian_window().to(x).expand(C, 1, -1, -1)
+    r = w.shape[-1] // 2
+
+    def filt(z):
+        return F.conv2d(F.pad(z, (r, r, r, r), mode="reflect"), w, groups=C)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = filt(x), filt(y)
+    vx, vy, cxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean(1)
+
+
+@dataclass
+class AutoencoderConfig:
+    widths: tuple = (32, 64, 128, 256, 256)  # encoder convolutions, each halving the resolution
+    latent: int = 16  # bottleneck channels at 1/32 of the input size (8 x 8 at 256 px)
+    epochs: int = 60  # measured on bottle: 30 clearly worse, 100 no better (README)
+    lr: float = 1e-3
+    batch_size: int = 8
+    ssim_loss: float = 0.5  # loss = (1 - w) MSE + w (1 - SSIM), the report's 0.5 / 0.5
+    ssim_map: float = 0.9  # map = (1 - w) squared error + w (1 - SSIM map), each standardized; SSIM-heavy measured best
+    rotate: float = 0.0  # augmentation during training (degrees, flips, colour jitter)
+    flip: bool = False
+    jitter: float = 0.0
+    image_score: str = "topk"  # max, or topk: the mean of the top_k map values
+    top_k: int = 100
+    blur_sigma: float = BLUR_SIGMA
+
+    def __post_init__(self):
+        self.widths = tuple(self.widths)
+        if not self.widths or min(self.widths) < 1 or self.latent < 1:
+            raise ValueError("widths and latent must be positive channel counts")
+        if self.epochs < 1 or self.batch_size < 1 or self.top_k < 1:
+            raise ValueError("epochs, batch_size and top_k must be >= 1")
+        if not 0 <= self.ssim_loss <= 1 or not 0 <= self.ssim_map <= 1:
+            raise ValueError("ssim_loss and ssim_map must be in [0, 1]")
+        if self.image_score not in ("max", "topk"):
+            raise ValueError("image_score must be max or topk")
+
+
+class Autoencoder(FusedMapDetector):
+    """Symmetric convolutional autoencoder (the report's SCAE, its sec. 4.4), trained from
+    scratch on normal images with 0.5 MSE + 0.5 (1 - SSIM). It learns to squeeze normal
+    images through a narrow bottleneck and back; a defect does not come back, so the map
+    combines the reconstruction's squared error with its (1 - SSIM) map."""
+    name = "autoencoder"
+    Config = AutoencoderConfig
+
+    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, image_size, components=2)  # squared error, 1 - SSIM
+        if any(v % 2 ** len(config.widths) for v in self.image_size):
+            raise ValueError(f"image size {image_size} must be a multiple of {2 ** len(config.widths)} "
+                             f"for {len(config.widths)} halvings")
+
+        def block(conv, c_out):
+            return [conv, nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        encoder, c = [], 3
+        for w in config.widths:  # 4x4 stride-2 convolutions: each halves the resolution
+            encoder += block(nn.Conv2d(c, w, 4, 2, 1), w)
+            c = w
+        encoder += [nn.Conv2d(c, config.latent, 1)]  # the bottleneck
+        decoder = block(nn.Conv2d(config.latent, c, 1), c)
+        for w in config.widths[-2::-1]:  # the mirror image
+            decoder += block(nn.ConvTranspose2d(c, w, 4, 2, 1), w)
+            c = w
+        decoder += [nn.ConvTranspose2d(c, 3, 4, 2, 1), nn.Sigmoid()]
+        self.encoder, self.decoder = nn.Sequential(*encoder), nn.Sequential(*decoder)
+        self.eval()
+
+    def forward(self, images):
+        return self.decoder(self.encoder(images))
+
+    def loss(self, images, reconstructions):
+        w = self.config.ssim_loss
+        mse = (images - reconstructions).square().mean()
+        return (1 - w) * mse + w * (1 - ssim_map(images, reconstructions).mean())
+
+    def fit(self, batches, seed=0):
+        cfg = self.config
+        g = torch.Generator().manual_seed(seed)
+        images = torch.cat([(b * 255).round().to(torch.uint8) for b in batches])
+        N = len(images)
+
+        def steps(epoch):
+            order = torch.randperm(N, generator=g)
+            for a in range(0, N, cfg.batch_size):
+                x = images[order[a: a + cfg.batch_size]].to(self.device).float() / 255
+                x = augment(x, g, cfg.rotate, cfg.flip, cfg.jitter).contiguous(memory_format=torch.channels_last)
+                with train_autocast(self.device, self.precision):
+                    y = self(x)
+                yield self.loss(x, y.float()), len(x)  # SSIM in fp32
+
+        self.train()
+        self.to(memory_format=torch.channels_last)  # oneDNN trains convolutions faster in this layout
+        train(self.parameters(), cfg.epochs, lambda epoch: cfg.lr, steps, self.precision)
+        self.eval()
+        self.to(memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def component_maps(self, images):
+        """(B, 2, H, W): per-pixel squared error (channel mean) and 1 - SSIM, blurred."""
+        y = self(images)
+        maps = [(images - y).square().mean(1), 1 - ssim_map(images, y)]
+        return torch.stack([upsample_and_blur(m, self.image_size, self.config.blur_sigma) for m in maps], 1)
+
+    @torch.no_grad()
+    def score(self, images):
+        z = self.standardized(self.component_maps(images.to(self.device)))
+        w = self.config.ssim_map
+        maps = (1 - w) * z[:, 0] + w * z[:, 1]
+        return self.image_scores(maps), maps
+
+# -----------------------------------------------------------------------------
+# The detector registry and its settings (-s KEY=VALUE)
+
+DETECTORS = {cls.name: cls for cls in (PaDiM, PatchCore, EfficientAD, Autoencoder)}
+
+
+def make_config(model, settings=None, **common):
+    """The detector's Config from common options (backbone) and `-s KEY=VALUE` strings,
+    each parsed to its field's type. Unknown keys and bad values are VadErrors."""
+    if model not in DETECTORS:
+        raise VadError(f"unknown model {model!r}: choose from {', '.join(DETECTORS)}")
+    cls = DETECTORS[model].Config
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in common.items() if v is not None and k in fields}  # e.g. no backbone for the autoencoder
+    for item in settings or ():
+        key, sep, text = item.partition("=")
+        key = key.strip().removeprefix(f"{model}.")
+        if not sep or key not in fields:
+            raise VadError(f"-s {item}: {model} settings are {', '.join(f'{k}=' for k in fields)}")
+        values[key] = _parse_value(key, text.strip(), fields[key].default)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        raise VadError(f"{model} settings: {e}") from None
+
+
+def _parse_value(key, text, default):
+    """Parse a -s value to the type of the field's default (None defaults are optional ints)."""
+    try:
+        if default is None:
+            return None if text.lower() in ("none", "") else int(text)
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, tuple):
+            return tuple(int(v) for v in text.split(",") if v)
+        return type(default)(text)
+    except ValueError:
+        kind = "comma-separated integers" if isinstance(default, tuple) else type(default or 0).__name__
+        raise VadError(f"-s {key}={text}: expected {kind}") from None
+
+# -----------------------------------------------------------------------------
+# Model files: one .pt = format header + config + every tensor, loadable with weights_only
+
+
+def _digest(checkpoint):
+    """SHA-256 over what defines the model: detector, config, input size, and the names,
+    dtypes, shapes and bytes of every tensor of its state dict."""
+    h = hashlib.sha256()
+    header = {k: checkpoint[k] for k in ("detector", "config", "image_size", "framing")}
+    h.update(json.dumps(header, sort_keys=True).encode())
+    state = checkpoint["state_dict"]
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _torch_save(obj, path):
+    # Through a file object: torch.save names the archive's records after a path it is
+    # given, which would make two saves of one model differ by their temporary names.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def save(detector, path, info=None):
+    """Write the detector to one .pt file, atomically (temporary file, then rename)."""
+    state = {k: v.detach().cpu() for k, v in detector.state_dict().items()}
+    checkpoint = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "vad_version": __version__,
+        "detector": detector.name,
+        "config": dataclasses.asdict(detector.config),
+        "image_size": list(detector.image_size),
+        "framing": dataclasses.asdict(detector.framing),
+        "precision": detector.precision,  # the backbone's at fit (the threshold was calibrated with it)
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "threshold": float(detector.threshold),
+        "info": dict(info or {}),
+        "state_dict": state,
+    }
+    checkpoint["sha256"] = _digest(checkpoint)
+    try:
+        atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp))
+    except OSError as e:  # disk full, read-only folder, ...: the old file (if any) is intact
+        raise VadError(f"could not write model file {path}: {e.strerror or e}") from None
+
+
+def load(path, device="cpu", precision="model"):
+    """Read a .pt written by save(). Only tensors and plain containers are unpickled
+    (weights_only=True), so a crafted file cannot run code; anything that is not a vad
+    model of this format version, or whose tensors changed since saving, is refused.
+    precision "model" keeps the backbone precision the model was fitted (and its
+    threshold calibrated) with; any other value overrides it (see pick_precision)."""
+    path = Path(path)
+    checkpoint = load_tensors(path, f"model file {path} does not exist",
+                              f"{path} is not a vad model file ({{reason}}); fit one with 'vad.py fit'")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_NAME:
+        raise VadError(f"{path} is not a vad model file; fit one with 'vad.py fit'")
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise VadError(f"{path} has model format version {checkpoint.get('format_version')}, this vad "
+                       f"{__version__} reads version {FORMAT_VERSION}; fit the model again with this vad")
+    try:
+        state = checkpoint["state_dict"]
+        if _digest(checkpoint) != checkpoint["sha256"]:
+            raise VadError(f"{path} is corrupted or was modified since it was saved (checksum mismatch); fit it again")
+        cls = DETECTORS[checkpoint["detector"]]
+        detector = cls(cls.Config(**checkpoint["config"]), checkpoint["image_size"], weights="empty")
+        detector.framing = Framing(**checkpoint["framing"])
+        for name, tensor in state.items():  # fitted buffers have data-dependent shapes
+            module, _, leaf = name.rpartition(".")
+            owner = detector.get_submodule(module)
+            if leaf in owner._buffers and owner._buffers[leaf].shape != tensor.shape:
+                owner._buffers[leaf] = torch.empty_like(tensor)
+        detector.load_state_dict(state)
+    except VadError:
+        raise
+    except Exception as e:
+        raise VadError(f"{path} is not a valid vad model ({type(e).__name__}: {e}); fit it again") from None
+    detector.info = checkpoint.get("info", {})
+    detector = detector.to(pick_device(device)).eval()
+    return detector.set_precision(checkpoint["precision"] if precision == "model" else
+                                  pick_precision(precision, detector.device))
+
+# -----------------------------------------------------------------------------
+# Framing and image I/O
 
 
 def is_image(path):
@@ -680,1530 +1884,7 @@ def load_images(paths, framing, batch_size=BATCH_SIZE, desc="images"):
         yield torch.stack(batch)
 
 # -----------------------------------------------------------------------------
-# The embedded synthetic inspection set (a smoke test, not a benchmark)
-
-
-def _draw_defect(kind, image, rng, center, radii, s):
-    """Paint one defect of `kind` onto `image` (H, W, 3 float) at a distance in `radii`
-    from `center`; return its mask."""
-    H, W, _ = image.shape
-    mask = Image.new("L", (W, H), 0)
-    draw = ImageDraw.Draw(mask)
-    cy, cx = center
-    angle = rng.uniform(0, 2 * np.pi)
-    r = rng.uniform(*radii)
-    y, x = cy + r * np.sin(angle), cx + r * np.cos(angle)
-    if kind == "scratch":  # a thin straight bright line
-        theta, length = rng.uniform(0, np.pi), rng.uniform(30, 60) * s
-        dx, dy = np.cos(theta) * length / 2, np.sin(theta) * length / 2
-        draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=255, width=max(1, round(2 * s)))
-        shift = np.array([70.0, 70.0, 70.0])
-    elif kind == "spot":  # a round stain of another colour
-        rad = rng.uniform(6, 10) * s
-        draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=255)
-        shift = np.array([-60.0, -25.0, 20.0])
-    else:  # crack: a dark jagged random walk
-        points, theta = [(x, y)], rng.uniform(0, 2 * np.pi)
-        for _ in range(8):
-            theta += rng.uniform(-0.8, 0.8)
-            x, y = x + np.cos(theta) * 7 * s, y + np.sin(theta) * 7 * s
-            points.append((x, y))
-        draw.line(points, fill=255, width=max(1, round(2 * s)))
-        shift = np.array([-80.0, -80.0, -80.0])
-    m = np.asarray(mask) > 0
-    image[m] = image[m] + shift
-    return m
-
-
-def _synthetic_image(kind, rng, size):
-    """A normal image (H, W, 3 float): a stochastic textured surface, or a washer-like part
-    on a background; with the center and the range of radii where defects may go."""
-    import scipy.ndimage  # here, not at the top: scipy costs start-up time that scoring never needs
-
-    s = size / 256
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    grain = scipy.ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 2 * s) * 60 + rng.normal(0, 3, (size, size))
-    if kind == "surface":
-        phase = rng.uniform(0, 2 * np.pi)
-        stripes = 8 * np.sin(2 * np.pi * (xx * 0.8 + yy * 0.6) / (12 * s) + phase)
-        image = np.array([150.0, 138.0, 120.0]) + (grain + stripes)[..., None] * np.array([1.0, 0.95, 0.9])
-        return image, (size / 2, size / 2), (0, 0.35 * size)
-    cy, cx = size / 2 + rng.uniform(-3, 3) * s, size / 2 + rng.uniform(-3, 3) * s
-    r = np.hypot(yy - cy, xx - cx)
-    outer, inner = 0.36 * size, 0.14 * size
-    ring = np.clip(outer - r + 0.5, 0, 1) * np.clip(r - inner + 0.5, 0, 1)  # anti-aliased annulus
-    metal = 160 + 40 * np.cos(np.arctan2(yy - cy, xx - cx)) * (r / outer) + grain / 3
-    image = (45 + grain / 4)[..., None] * (1 - ring[..., None]) + (metal[..., None] * np.array([1.0, 1.0, 1.05])) * ring[..., None]
-    return image, (cy, cx), (inner + 0.05 * size, outer - 0.07 * size)  # defects on the part
-
-
-def make_synthetic(root, kind="surface", size=256, n_train=24, n_good=8, n_defect=4, seed=0):
-    """Write a small MVTec-layout category of `kind` ("surface" or "part") under `root`:
-    normal training images, normal test images, and scratch/spot/crack test images with
-    masks. Deterministic for a given seed."""
-    root = Path(root)
-    rng = np.random.default_rng([seed, 0 if kind == "surface" else 1])
-    s = size / 256
-
-    def save(image, path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
-
-    for i in range(n_train):
-        save(_synthetic_image(kind, rng, size)[0], root / "train" / "good" / f"{i:03d}.png")
-    for i in range(n_good):
-        save(_synthetic_image(kind, rng, size)[0], root / "test" / "good" / f"{i:03d}.png")
-    for defect in ("scratch", "spot", "crack"):
-        for i in range(n_defect):
-            image, center, radii = _synthetic_image(kind, rng, size)
-            mask = _draw_defect(defect, image, rng, center, radii, s)
-            save(image, root / "test" / defect / f"{i:03d}.png")
-            save(mask * 255.0, root / "ground_truth" / defect / f"{i:03d}_mask.png")
-    return root
-
-
-def synthetic_data():
-    """The embedded default data set: two small categories generated once into the cache."""
-    base = CACHE_DIR / f"synthetic-v{FORMAT_VERSION}"
-    if not (base / "complete").exists():
-        base.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=base.parent))
-        for kind in ("surface", "part"):
-            make_synthetic(tmp / kind, kind)
-        (tmp / "complete").write_text("vad synthetic smoke-test set\n")
-        try:
-            tmp.rename(base)
-        except OSError:  # another process finished first; its copy is identical
-            pass
-    return [base / "surface", base / "part"]
-
-# -----------------------------------------------------------------------------
-# Backbones: ResNet-18, Wide-ResNet-50-2 and MobileNetV2, defined here up to their taps
-
-# The networks are written out in torchvision's module layout, so torchvision's ImageNet
-# files and any state dict saved from torchvision load into them unchanged, and they give
-# the same features bit for bit (a test checks it). Defining them here keeps torchvision,
-# and its import time, off every path of vad, and builds only the layers a detector taps.
-
-# Channels of the three taps of each backbone. ResNets: layer1/2/3 (strides 4/8/16).
-# MobileNetV2 has no named layers; its taps are the last blocks at strides 4, 8 and 16,
-# features[3] (24 ch), features[6] (32 ch) and features[13] (96 ch), the same points
-# timm's features_only uses, so they play the roles of ResNet layer1/2/3.
-BACKBONES = {
-    "wide_resnet50_2": (256, 512, 1024),
-    "resnet18": (64, 128, 256),
-    "mobilenet_v2": (24, 32, 96),
-}
-MOBILENET_STAGES = ((0, 4), (4, 7), (7, 14))  # features[a:b] for each stage
-# torchvision's IMAGENET1K_V1 files (the papers' weights); the hash prefix in each name is
-# checked after download
-IMAGENET_URLS = {
-    "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
-    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-    "mobilenet_v2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
-}
-
-
-def _shortcut(c_in, c_out, stride):
-    """The projection shortcut where a block changes shape (None: the identity)."""
-    if stride == 1 and c_in == c_out:
-        return None
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-
-class BasicBlock(nn.Module):
-    """ResNet-18's block: two 3x3 convolutions and a shortcut."""
-
-    def __init__(self, c_in, c, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.downsample = _shortcut(c_in, c, stride)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += x if self.downsample is None else self.downsample(x)
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """Wide-ResNet-50-2's block: 1x1 in, 3x3 at twice ResNet-50's width, 1x1 out to 4c."""
-
-    def __init__(self, c_in, c, stride=1, width=2):
-        super().__init__()
-        w = c * width
-        self.conv1 = nn.Conv2d(c_in, w, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w)
-        self.conv2 = nn.Conv2d(w, w, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(w)
-        self.conv3 = nn.Conv2d(w, 4 * c, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(4 * c)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(c_in, 4 * c, stride)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += x if self.downsample is None else self.downsample(x)
-        return self.relu(out)
-
-
-class ResNet(nn.Module):
-    """A ResNet's stem and its first `depth` layers (the rest and the classifier are never
-    used). forward is not defined: FeatureExtractor runs the stages."""
-
-    def __init__(self, block, blocks, depth):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        c_in, expansion = 64, 4 if block is Bottleneck else 1
-        for i, (n, c) in enumerate(zip(blocks[:depth], (64, 128, 256))):
-            stride = 1 if i == 0 else 2
-            layer = [block(c_in, c, stride)] + [block(c * expansion, c) for _ in range(n - 1)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
-            c_in = c * expansion
-
-
-def _conv_bn_relu6(c_in, c_out, kernel=3, stride=1, groups=1):
-    """torchvision's Conv2dNormActivation as MobileNetV2 uses it."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(c_out), nn.ReLU6(inplace=True))
-
-
-class InvertedResidual(nn.Module):
-    """MobileNetV2's block: 1x1 expansion by t, 3x3 depthwise, linear 1x1 projection."""
-
-    def __init__(self, c_in, c_out, stride, t):
-        super().__init__()
-        hidden = c_in * t
-        layers = [_conv_bn_relu6(c_in, hidden, 1)] if t != 1 else []
-        layers += [_conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
-                   nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
-        self.conv = nn.Sequential(*layers)
-        self.residual = stride == 1 and c_in == c_out
-
-    def forward(self, x):
-        return x + self.conv(x) if self.residual else self.conv(x)
-
-
-class MobileNetV2(nn.Module):
-    """MobileNetV2 (width 1.0) up to features[blocks - 1]."""
-    SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1))  # t, c, n, s
-
-    def __init__(self, blocks):
-        super().__init__()
-        features, c_in = [_conv_bn_relu6(3, 32, stride=2)], 32
-        for t, c, n, s in self.SETTING:
-            for i in range(n):
-                features.append(InvertedResidual(c_in, c, s if i == 0 else 1, t))
-                c_in = c
-        self.features = nn.Sequential(*features[:blocks])
-
-
-def build_backbone(name, depth):
-    """The network `name` up to tap `depth` (1-3), in torchvision's layout, uninitialized
-    (on the meta device: no memory, no random numbers drawn)."""
-    with torch.device("meta"):
-        if name == "mobilenet_v2":
-            return MobileNetV2(MOBILENET_STAGES[depth - 1][1])
-        if name == "resnet18":
-            return ResNet(BasicBlock, (2, 2, 2), depth)
-        return ResNet(Bottleneck, (3, 4, 6), depth)
-
-
-def init_backbone(net):
-    """Random weights as torchvision initializes these networks: He-normal convolutions
-    (fan out), batch norms at identity. Deterministic under the caller's torch seed."""
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            m.reset_parameters()  # weight 1, bias 0, running mean 0 and variance 1
-
-
-def _stages(name, net):
-    """The network split into its three tap stages, the stem in the first."""
-    if name == "mobilenet_v2":
-        return [net.features[a:b] for a, b in MOBILENET_STAGES if a < len(net.features)]
-    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
-    return [stem] + [getattr(net, f"layer{i}") for i in (2, 3) if hasattr(net, f"layer{i}")]
-
-
-def load_backbone_weights(name, weights):
-    """State dict for `name` in torchvision's layout: "imagenet" downloads torchvision's
-    file into the torch hub cache (or finds it there), anything else is a path to a
-    torchvision state dict."""
-    if weights == "imagenet":
-        url = IMAGENET_URLS[name]
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # torch.hub announces downloads on stdout
-                return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=VERBOSE,
-                                                          check_hash=True, weights_only=True)
-        except Exception as e:  # urllib raises several types offline
-            raise VadError(
-                f"cannot get ImageNet weights for {name} ({type(e).__name__}: {e}); offline, put "
-                f"{Path(url).name} in {cache}, or pass --weights PATH to a torchvision state dict, "
-                f"or --weights none for random init") from None
-    path = Path(weights)
-    if not path.is_file():
-        raise VadError(f"--weights {weights}: no such file; use imagenet, none, or a path to a torchvision state dict")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise VadError(f"--weights {weights}: not a readable state dict ({type(e).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise VadError(f"--weights {weights}: not a state dict")
-    return state
-
-
-def load_truncated(net, state, name, weights):
-    """Copy a whole network's state dict into the truncated `net`: every tensor `net` has
-    must be there with its shape; those of the layers beyond the taps are ignored."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise VadError(f"--weights {weights} does not fit {name}: {len(missing)} of its {len(own)} tensors "
-                       f"missing, {missing[0]} the first")
-    try:
-        net.load_state_dict({k: state[k] for k in own})
-    except Exception as e:
-        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise VadError(f"--weights {weights} does not fit {name}: {first}") from None
-
-
-class FeatureExtractor(nn.Module):
-    """A backbone cut after the deepest stage a detector uses, with the input
-    normalization built in: it takes images in [0, 1] and returns the tapped maps.
-
-    weights: "imagenet", "none" (random init, seeded by the caller), a state-dict path,
-    or "empty" (no init at all: the weights come next from a vad model file). A frozen
-    extractor (the default) never trains; EfficientAD's student is one that does.
-    """
-
-    def __init__(self, name, layers, weights="imagenet", frozen=True):
-        super().__init__()
-        self.frozen = frozen
-        if name not in BACKBONES:
-            raise VadError(f"unknown backbone {name!r}: choose from {', '.join(BACKBONES)}")
-        self.name, self.layers = name, tuple(layers)
-        net = build_backbone(name, max(self.layers))
-        if weights != "empty":  # "empty": the weights come next, from a vad model file
-            # building a frozen backbone (random init or loading weights) is not detector work
-            with timed("backbone") if frozen else contextlib.nullcontext():
-                net.to_empty(device="cpu")
-                if weights == "none":
-                    init_backbone(net)
-                else:
-                    load_truncated(net, load_backbone_weights(name, weights), name, weights)
-        self.stages = nn.ModuleList(_stages(name, net))
-        if weights == "empty":
-            self.stages.to_empty(device="cpu")
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        self.requires_grad_(not frozen)
-        self.eval()
-        self.precision = "fp32"
-
-    def set_precision(self, precision):
-        """fp32, or bf16/fp16 for the convolutions (autocast, channels_last: the layout
-        oneDNN's AMX kernels and cuDNN's tensor cores want). Frozen extractors only."""
-        self.precision = precision if self.frozen else "fp32"
-        layout = torch.channels_last if self.precision in HALF_TYPES else torch.contiguous_format
-        self.stages.to(memory_format=layout)
-
-    @property
-    def channels(self):
-        return [BACKBONES[self.name][i - 1] for i in self.layers]
-
-    def train(self, mode=True):
-        return super().train(mode and not self.frozen)  # frozen: batch norm keeps its ImageNet statistics
-
-    def forward(self, images, channels_last=False):
-        """images (B, 3, H, W) in [0, 1] -> list of maps (B, C_l, H/s_l, W/s_l), one per layer,
-        fp32; contiguous, or with channels_last=True in whichever layout is at hand
-        (a half-precision backbone's is channels last, and a caller that wants it
-        need not have it transposed there and back)."""
-        x = (images - self.mean) / self.std
-        half = HALF_TYPES.get(self.precision)
-        with contextlib.ExitStack() as stack:
-            if self.frozen:
-                stack.enter_context(timed("features", x.device))
-            if half is not None:
-                stack.enter_context(torch.autocast(x.device.type, half))
-                x = x.contiguous(memory_format=torch.channels_last)
-            features = []
-            for depth, stage in enumerate(self.stages, 1):
-                x = stage(x)
-                if depth in self.layers:
-                    features.append(x if half is None else x.float() if channels_last else x.float().contiguous())
-        return features
-
-# -----------------------------------------------------------------------------
-# Primitives
-
-
-def gaussian_kernel(sigma, truncate=4.0):
-    """1-D Gaussian of radius int(truncate*sigma + 0.5), as scipy.ndimage builds it."""
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
-def blur_matrix(n, sigma):
-    """(n, n) matrix G with G @ v = v blurred by a 1-D Gaussian, the borders mirrored
-    without repeating the edge sample (scipy.ndimage mode="mirror")."""
-    if sigma <= 0:
-        return torch.eye(n, dtype=torch.float64)
-    k = gaussian_kernel(sigma)
-    r = min(len(k) // 2, n - 1)  # a reflection cannot reach past the far edge
-    k = k[len(k) // 2 - r: len(k) // 2 + r + 1]
-    columns = F.pad(torch.eye(n, dtype=torch.float64)[:, None], (r, r), mode="reflect")  # (n, 1, n + 2r)
-    return F.conv1d(columns, k.view(1, 1, -1))[:, 0].T  # blur of each unit vector = a column of G
-
-
-def upsample_matrix(n, size):
-    """(size, n) matrix U with U @ v = v linearly resized to `size` samples (half-pixel
-    centers, torch's align_corners=False): one axis of bilinear upsampling."""
-    eye = torch.eye(n, dtype=torch.float64)[:, None]  # (n, 1, n)
-    return F.interpolate(eye, size=size, mode="linear", align_corners=False)[:, 0].T
-
-
-@functools.lru_cache(maxsize=16)
-def _postprocess_matrix(n, size, sigma, device, dtype):
-    return (blur_matrix(size, sigma) @ upsample_matrix(n, size)).to(device, dtype)
-
-
-def upsample_and_blur(patch_maps, size, sigma=BLUR_SIGMA):
-    """Patch scores (B, h, w) -> anomaly maps (B, H, W), size = (H, W) or N for (N, N):
-    bilinear upsampling, then a
-    Gaussian blur, as both PaDiM and PatchCore post-process. Both steps are separable and
-    linear, so the whole thing is A_h @ map @ A_w^T with A = blur @ upsample, two small
-    matrix products instead of a 33-tap convolution over every output pixel."""
-    B, h, w = patch_maps.shape
-    H, W = (size, size) if isinstance(size, int) else size
-    with timed("maps", patch_maps.device):
-        A_h = _postprocess_matrix(h, H, float(sigma), patch_maps.device, patch_maps.dtype)
-        A_w = _postprocess_matrix(w, W, float(sigma), patch_maps.device, patch_maps.dtype)
-        return A_h @ patch_maps @ A_w.T
-
-
-def greedy_coreset(features, n, projection_dim=128, seed=0):
-    """Indices of n rows of features (N, D), or of the concatenation of a list of such
-    parts, chosen by greedy k-center selection (PatchCore sec. 3.2, Sener & Savarese
-    2018): each pick is the point farthest from those already picked. Distances are
-    taken after a seeded Gaussian random projection to `projection_dim` dims
-    (Johnson-Lindenstrauss), as the reference code does; the start point is seeded too.
-    Returns a LongTensor (n,) in pick order."""
-    parts = list(features) if isinstance(features, (list, tuple)) else [features]
-    N, D = sum(len(p) for p in parts), parts[0].shape[1]
-    g = torch.Generator().manual_seed(seed)
-    if projection_dim and D > projection_dim:
-        P = torch.randn(D, projection_dim, generator=g, dtype=parts[0].dtype) / math.sqrt(projection_dim)
-        x = torch.cat([p @ P.to(p.device) for p in parts])  # (N, k); the parts are never joined in full
-    else:
-        x = torch.cat(parts)
-    start = int(torch.randint(N, (1,), generator=g))
-    # Centering changes no distance but shrinks the norms, so |a|^2 - 2ab + |b|^2 cancels less.
-    x = (x - x.mean(0)).cpu().numpy()
-    return torch.from_numpy(greedy_kcenter(x, n, start))
-
-
-def greedy_kcenter(x, n, start, frontier=2048, batch=200):
-    """Exact greedy k-center on the rows of x (N, r), numpy: picks[0] = start, then each
-    pick is the row with the largest squared distance to its nearest earlier pick.
-
-    The plain algorithm streams all N rows once per pick. Here the running minima of all
-    rows are brought up to date only every `batch` picks, by matrix products with those
-    picks, and only for rows that the triangle inequality cannot rule out (a row can come
-    closer to pick q only if q lies within twice its current distance of its nearest
-    pick). In between, the `frontier` rows with the largest, possibly stale, minima are
-    updated after every pick. Minima only shrink, so a stale value bounds a row from
-    above: while the best frontier row beats every bound outside the frontier it is the
-    true farthest row. The picks are the plain algorithm's, up to floating-point ties.
-    (numpy, not torch: this loop is latency-bound and numpy's small ops are far cheaper.)
-    """
-    N = len(x)
-    n = min(n, N)
-    sq = np.einsum("ij,ij->i", x, x)
-    mind = np.full(N, np.inf, dtype=x.dtype)  # squared distance to the nearest applied pick
-    near = np.zeros(N, dtype=np.int64)  # that pick's position in `picks`
-    picks = np.empty(n, dtype=np.int64)
-    done, front, p = 0, None, start  # picks[:done] are applied to every row
-    for i in progress(range(n), n, "coreset"):
-        picks[i] = p
-        if front is not None:  # keep the frontier exact
-            d = f_sq - 2 * (f_x @ x[p]) + sq[p]
-            closer = d < f_mind
-            f_mind[closer], f_near[closer] = d[closer], i
-            j = int(f_mind.argmax())
-        if front is None or f_mind[j] < bound or i + 1 - done >= batch:
-            if front is not None:
-                mind[front], near[front] = f_mind, f_near
-            _apply_picks(x, sq, mind, near, picks, done, i + 1)
-            done = i + 1
-            k = min(frontier, N)
-            order = np.argpartition(mind, N - k - 1) if k < N else np.arange(N)  # order[N-k-1] in place
-            front, bound = order[N - k:], (mind[order[N - k - 1]] if k < N else -np.inf)
-            f_x, f_sq, f_mind, f_near = x[front], sq[front], mind[front], near[front]  # copies
-            j = int(f_mind.argmax())
-        p = int(front[j])
-    return picks
-
-
-def _apply_picks(x, sq, mind, near, picks, done, upto, chunk=4096):
-    """Lower mind/near of every row that picks[done:upto] can bring closer (in place)."""
-    new = picks[done:upto]
-    P, p_sq = -2 * x[new].T, sq[new]  # (r, m), (m,)
-    if done == 0:
-        rows = np.arange(len(x))
-    else:
-        old = picks[:done]
-        to_new = (sq[old][:, None] + x[old] @ P + p_sq).min(1)  # squared distance of each old pick to the nearest new one
-        to_new = np.r_[to_new, np.full(len(new), np.inf, dtype=x.dtype)]  # rows already nearest a new pick are exact
-        # triangle inequality with a margin for rounding: the margin only adds rows
-        rows = np.flatnonzero(to_new[near] < 4 * (1 + 1e-3) * mind + 1e-6 * sq.mean())
-    for a in range(0, len(rows), chunk):
-        r = rows[a: a + chunk]
-        d = x[r] @ P + p_sq  # (c, m): squared distance minus |x_r|^2
-        k = d.argmin(1)
-        d = d[np.arange(len(r)), k] + sq[r]
-        closer = d < mind[r]
-        mind[r[closer]], near[r[closer]] = d[closer], done + k[closer]
-
-
-def nearest_neighbors(queries, bank, k=1):
-    """k nearest rows of bank (K, D) for each of queries (M, D), by Euclidean distance.
-
-    Candidates come from one matrix product per block of queries,
-    |q - b|^2 = |q|^2 - 2 q.b + |b|^2, with blocks sized so that a block's distance
-    matrix fits in CHUNK_BYTES. Returns (distances (M, k), indices (M, k)), nearest first.
-    """
-    M, K = len(queries), len(bank)
-    k = min(k, K)
-    bank_sq = torch.linalg.vector_norm(bank, dim=1).square()  # no (K, D) temporary: 9x faster than (b * b).sum(1)
-    rows = max(1, CHUNK_BYTES // (4 * K))
-    dists, index = [], []
-    for a in range(0, M, rows):
-        q = queries[a: a + rows]
-        # |q|^2 is the same along a row, so it cannot change the ranking: left out, and
-        # the rest is one fused product (bank_sq - 2 q b^T), one pass over the block.
-        d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2)
-        i = d2.argmin(1, keepdim=True) if k == 1 else d2.topk(k, dim=1, largest=False).indices
-        # The expansion cancels badly for near neighbours; recompute the k winners directly.
-        dists.append((q[:, None] - bank[i]).norm(dim=2))
-        index.append(i)
-    return torch.cat(dists), torch.cat(index)
-
-
-def voronoi_cells(bank, n, iters=10, seed=0):
-    """Split the rows of bank (K, D) into at most n Voronoi cells for cell_search: k-means
-    (Lloyd) on an even sample of about 32 rows per cell from seeded farthest-point
-    starts, then every row assigned to its nearest centre in fp64 (cell_search's bounds
-    need each row inside its centre's cell). Returns (order (K,): the rows grouped by
-    cell, centres (c, D), starts (c + 1,): cell j holds bank[order][starts[j]:starts[j + 1]],
-    radii (c,): each cell's largest distance from its centre); centres left without rows
-    are dropped."""
-    K = len(bank)
-    n = max(1, min(n, K))
-    sample = bank[::max(1, K // (32 * n))]
-    centres = sample[greedy_coreset(sample, n, seed=seed).to(bank.device)].clone()
-    for _ in range(iters if n > 1 else 0):
-        cell = torch.addmm(torch.linalg.vector_norm(centres, dim=1).square(), sample, centres.T, alpha=-2).argmin(1)
-        counts = torch.bincount(cell, minlength=n)
-        filled = counts > 0
-        centres[filled] = torch.zeros_like(centres).index_add_(0, cell, sample)[filled] / counts[filled, None]
-    rows = max(1, CHUNK_BYTES // (8 * max(n, bank.shape[1])))  # fp64 rows and their distances
-    c64 = centres.double()
-    cell = torch.cat([(torch.linalg.vector_norm(c64, dim=1).square() - 2 * bank[a: a + rows].double() @ c64.T).argmin(1)
-                      for a in range(0, K, rows)])
-    counts = torch.bincount(cell, minlength=n)
-    filled = counts > 0  # a row's nearest centre stays its nearest when unused centres go
-    cell, centres, counts = (filled.cumsum(0) - 1)[cell], centres[filled].contiguous(), counts[filled]
-    starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    radii = bank.new_zeros(len(centres)).scatter_reduce_(
-        0, cell, torch.linalg.vector_norm(bank - centres[cell], dim=1), "amax")
-    return torch.argsort(cell, stable=True), centres, starts, radii
-
-
-def _search_cells(queries, bank, bank_sq, starts, mask):
-    """Nearest row of bank for each query among the cells marked in mask (M, c), in the
-    expanded form |b|^2 - 2 q.b: returns (that value (M,), row (M,)), inf and -1 for a
-    query with no cell marked. One matrix product per cell, with the queries that visit it;
-    starts is a list."""
-    cells, rows = mask.T.nonzero().unbind(1)  # grouped by cell
-    found = bank.new_empty(len(rows))
-    index = torch.empty(len(rows), dtype=torch.long, device=bank.device)
-    a = 0
-    for j, k in enumerate(torch.bincount(cells, minlength=len(starts) - 1).tolist()):
-        if k:
-            s, e = starts[j], starts[j + 1]
-            found[a: a + k], index[a: a + k] = torch.addmm(bank_sq[s:e], queries.index_select(0, rows[a: a + k]),
-                                                           bank[s:e].T, alpha=-2).min(1)
-            index[a: a + k] += s
-            a += k
-    best = bank.new_full((len(queries),), math.inf).scatter_reduce_(0, rows, found, "amin")
-    nearest = torch.full((len(queries),), -1, dtype=torch.long, device=bank.device)
-    won = found == best[rows]
-    nearest[rows[won]] = index[won]
-    return best, nearest
-
-
-def _distances(queries, rows, block=1024):
-    """|queries[i] - rows[i]| for each i, computed directly; in blocks that stay in cache
-    (3x faster than one pass for 16 WRN50 images)."""
-    return torch.cat([torch.linalg.vector_norm(queries[a: a + block] - rows[a: a + block], dim=1, keepdim=True)
-                      for a in range(0, len(queries), block)] or [queries.new_empty(0, 1)])
-
-
-def cell_search(queries, bank, centres, starts, radii, probe=1):
-    """Nearest row of bank (K, D), its rows grouped into Voronoi cells by voronoi_cells,
-    for each of queries (M, D): exact, as nearest_neighbors(queries, bank, 1), but most
-    cells are never visited (an inverted file, Jegou et al. 2011, made exact). Centre
-    the bank first: every fp32 distance here cancels less.
-
-    Each query first visits the cells of its `probe` nearest centres. A row b of another
-    cell c is closer to c than to the query's nearest centre m, so it lies beyond their
-    bisecting plane, |q - b| >= (|q - c|^2 - |q - m|^2) / (2 |c - m|), and within c's
-    radius of c, |q - b| >= |q - c| - r_c; cell c is visited too unless a bound beats
-    the distance found. With slack for fp32 rounding, the result is the exhaustive
-    search's up to floating-point ties. Returns (distances (M, 1), indices (M, 1)),
-    the winner's distance computed directly."""
-    M, D = queries.shape
-    largest = int((starts[1:] - starts[:-1]).max())
-    starts = starts.tolist()
-    c_norm = torch.linalg.vector_norm(centres, dim=1)
-    gaps = torch.cdist(centres.double(), centres.double()).float()  # fp64: exact enough through the expansion
-    bank_sq = torch.linalg.vector_norm(bank, dim=1).square()
-    slack = 2 * (D + 2) * torch.finfo(torch.float32).eps  # bounds an fp32 dot product's relative error
-    rows = max(1, CHUNK_BYTES // (4 * max(4 * len(centres), largest)))  # the (rows, n) bounds, a cell's distances
-    dists, index = [], []
-    for a in range(0, M, rows):
-        q = queries[a: a + rows]
-        q_norm = torch.linalg.vector_norm(q, dim=1, keepdim=True)
-        to_centre = torch.addmm(c_norm.square(), q, centres.T, alpha=-2) + q_norm.square()  # |q - c|^2 (m, n)
-        visit = torch.zeros_like(to_centre, dtype=torch.bool)
-        visit.scatter_(1, to_centre.topk(min(probe, len(centres)), dim=1, largest=False).indices, True)
-        found, nearest = _search_cells(q, bank, bank_sq, starts, visit)
-        d = _distances(q, bank.index_select(0, nearest))
-        reach = (1 + 1e-4) * d  # with slack for rounding
-        error = slack * (q_norm + c_norm).square()  # of each to_centre
-        m = to_centre.argmin(1, keepdim=True)
-        beyond_plane = to_centre - to_centre.gather(1, m) - error - error.gather(1, m) > 2 * gaps[m[:, 0]] * reach
-        beyond_ball = (to_centre - error).clamp_min(0).sqrt() > reach + (1 + 1e-4) * radii
-        more = ~(visit | beyond_plane | beyond_ball)
-        if more.any():
-            found2, nearest2 = _search_cells(q, bank, bank_sq, starts, more)
-            better = found2 < found
-            nearest[better] = nearest2[better]
-            d[better] = _distances(q[better], bank.index_select(0, nearest2[better]))
-        dists.append(d)
-        index.append(nearest[:, None])
-    return torch.cat(dists), torch.cat(index)
-
-
-def mahalanobis(x, mean, cholesky):
-    """Mahalanobis distances of x (P, d, B) to P Gaussians, mean (P, d) and the lower
-    Cholesky factor L (P, d, d) of each covariance: |L^-1 (x - mu)|, by one batched
-    triangular solve (no inverse is ever formed). Returns (P, B)."""
-    z = torch.linalg.solve_triangular(cholesky, x - mean[..., None], upper=False)  # (P, d, B)
-    return z.square().sum(1).sqrt()
-
-
-# -----------------------------------------------------------------------------
-# Training primitives (EfficientAD, autoencoder)
-
-
-def gaussian_window(size=11, sigma=1.5):
-    """The SSIM paper's 11x11 Gaussian window (sigma 1.5), as a (1, 1, 11, 11) kernel."""
-    k = gaussian_kernel(sigma, truncate=(size // 2) / sigma)
-    return (k[:, None] * k[None, :]).float()[None, None]
-
-
-def ssim_map(x, y, data_range=1.0):
-    """Per-pixel SSIM of images x, y (B, C, H, W) (Wang et al. 2004: 11x11 Gaussian
-    window, sigma 1.5, K1 = 0.01, K2 = 0.03), averaged over channels -> (B, H, W).
-    Borders are mirrored (scipy.ndimage mode="mirror")."""
-    B, C, H, W = x.shape
-    w = gaussian_window().to(x).expand(C, 1, -1, -1)
-    r = w.shape[-1] // 2
-
-    def filt(z):
-        return F.conv2d(F.pad(z, (r, r, r, r), mode="reflect"), w, groups=C)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = filt(x), filt(y)
-    vx, vy, cxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.mean(1)
-
-
-def augment(images, g, rotate=0.0, flip=False, jitter=0.0):
-    """Seeded random augmentation of a batch (B, 3, H, W) in [0, 1]: rotation by up to
-    `rotate` degrees (borders mirrored), horizontal and vertical flips, and brightness,
-    contrast and saturation each scaled by a factor in [1 - jitter, 1 + jitter]."""
-    B = len(images)
-    x = images
-    if rotate:
-        angle = (torch.rand(B, generator=g) * 2 - 1) * math.radians(rotate)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(B)], 1),
-                             torch.stack([sin, cos, torch.zeros(B)], 1)], 1).to(x)
-        grid = F.affine_grid(theta, x.shape, align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    if flip:
-        h, v = torch.rand(B, generator=g) < 0.5, torch.rand(B, generator=g) < 0.5
-        x = torch.where(h.view(B, 1, 1, 1).to(x.device), x.flip(3), x)
-        x = torch.where(v.view(B, 1, 1, 1).to(x.device), x.flip(2), x)
-    if jitter:
-        b, c, s = (1 + (torch.rand(3, B, 1, 1, 1, generator=g) * 2 - 1) * jitter).to(x)
-        x = x * b
-        x = (x - x.mean((1, 2, 3), keepdim=True)) * c + x.mean((1, 2, 3), keepdim=True)
-        grey = x.mean(1, keepdim=True)
-        x = (x - grey) * s + grey
-    return x.clamp(0, 1)
-
-
-def train_autocast(device, precision):
-    """Autocast for a training step: on only when the user asked for bf16 or fp16
-    (--precision), never because of what the CPU happens to support, so one command makes
-    one model on any machine. Weights and optimizer state stay fp32."""
-    half = HALF_TYPES.get(precision)
-    return torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None)
-
-
-def train(parameters, epochs, lr_at, steps, precision="fp32"):
-    """Adam over `epochs`, the rate set by lr_at(epoch) at each epoch's start.
-    steps(epoch) yields (loss, batch size) for each batch: its forward pass; the
-    backward pass and the update happen here. Shows the epoch, the mean loss and the time
-    left."""
-    parameters = list(parameters)
-    optimizer = torch.optim.Adam(parameters, lr=lr_at(0))
-    # fp16 gradients underflow without loss scaling; bf16 keeps fp32's range and needs none
-    scaler = torch.amp.GradScaler(parameters[0].device.type, enabled=precision == "fp16")
-    last = [float("nan")]
-    for epoch in progress(range(epochs), epochs, "train", lambda: f"loss {last[0]:.4f}"):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch)
-        total = count = 0
-        with timed("training"):
-            for loss, size in steps(epoch):
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                total, count = total + float(loss.detach()) * size, count + size
-        last[0] = total / count
-
-
-def top_k_mean(maps, k):
-    """Mean of the k largest values of each map (B, H, W) -> (B,); k = 1 is the maximum."""
-    return maps.flatten(1).topk(min(k, maps[0].numel()), dim=1).values.mean(1)
-
-
-# -----------------------------------------------------------------------------
-# Detectors
-
-
-class Detector(nn.Module):
-    """Shared frame: a config, a frozen feature extractor, fitted state in buffers, and the
-    calibration that every detector gets from held-out normal images."""
-    name = None
-    Config = None
-    needs_calibration = False  # calibrate() wants held-out batches
-
-    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE):
-        super().__init__()
-        self.config = config
-        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)  # (H, W) input
-        self.framing = Framing(self.image_size)  # how images become inputs; fit() and load() set it
-        self.register_buffer("threshold", torch.tensor(float("nan")))  # on image scores
-        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))  # on map values
-        self.register_buffer("map_low", torch.tensor(0.0))  # typical normal map value (colour scale)
-        self.precision = "fp32"  # number format of the backbone and of training (set_precision)
-
-    @property
-    def device(self):
-        return self.threshold.device
-
-    def fit(self, batches, seed=0):
-        """Fit on an iterable of normal image batches (B, 3, H, W) in [0, 1]."""
-        raise NotImplementedError
-
-    def calibrate(self, batches):
-        """Map statistics from held-out normal image batches, for detectors that fuse or
-        normalize maps; called after fit and before the threshold is set."""
-
-    def score(self, images):
-        """images (B, 3, H, W) in [0, 1] -> (image_scores (B,), anomaly_maps (B, H, W))."""
-        raise NotImplementedError
-
-    def map_score(self, anomaly_map):
-        """The image score of a stitched or letterboxed map (its scored pixels, 1-D):
-        the maximum, as PaDiM and PatchCore score a map."""
-        return float(anomaly_map.max())
-
-    def set_precision(self, precision):
-        """fp32, bf16 or fp16 for the frozen backbone and for training steps (see
-        pick_precision); a trained network scores in fp32."""
-        self.precision = precision
-        for m in self.modules():
-            if isinstance(m, FeatureExtractor):
-                m.set_precision(precision)
-        return self
-
-
-def check_layers(layers):
-    """Backbone taps as a sorted tuple of distinct values from 1, 2, 3 (finest first)."""
-    layers = tuple(sorted(set(layers)))
-    if not layers or not set(layers) <= {1, 2, 3}:
-        raise ValueError("layers must be one or more of 1, 2, 3")
-    return layers
-
-
-@dataclass
-class PaDiMConfig:
-    backbone: str = "wide_resnet50_2"
-    layers: tuple = (1, 2, 3)  # the paper concatenates layers 1-3 at layer 1's resolution
-    d: typing.Optional[int] = None  # random channels kept; None: per backbone, PADIM_DIMS
-    eps: float = 0.01  # covariance regularizer eps*I, the PaDiM reference code's value
-    blur_sigma: float = BLUR_SIGMA
-
-    def __post_init__(self):
-        self.layers = check_layers(self.layers)
-        if self.d is not None and self.d < 1:
-            raise ValueError("d must be a positive number of channels")
-        if self.eps <= 0:
-            raise ValueError("eps must be > 0 (it keeps the covariance invertible)")
-
-
-# d per backbone. The fitted state is a d x d Cholesky factor per layer-1 position
-# (64 x 64 at 256 px): 4096 * d^2 * 4 bytes, 164 MB at d = 100. The paper's d = 550 for
-# WRN50 would make a 5 GB model; d = 100 (the paper's ResNet18 value) keeps a
-# WRN50 bottle model under 300 MB and costs little accuracy (see README).
-PADIM_DIMS = {"wide_resnet50_2": 100, "resnet18": 100, "mobilenet_v2": 100}
-
-
-class PaDiM(Detector):
-    """PaDiM (arXiv:2011.08785). Every position of the layer-1 grid gets its own
-    multivariate Gaussian over a random subset of d channels of the concatenated layer
-    1-3 features. A patch's anomaly score is its Mahalanobis distance to the Gaussian of
-    its position; the image score is the maximum of the smoothed map."""
-    name = "padim"
-    Config = PaDiMConfig
-
-    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
-        super().__init__(config, image_size)
-        self.backbone = FeatureExtractor(config.backbone, config.layers, weights)
-        if config.d is None:
-            config.d = PADIM_DIMS[config.backbone]
-        if config.d > sum(self.backbone.channels):
-            raise ValueError(f"d={config.d} exceeds the {sum(self.backbone.channels)} channels of {config.backbone}")
-        self.register_buffer("channels", torch.empty(0, dtype=torch.long))  # (d,) chosen channels
-        self.register_buffer("mean", torch.empty(0))  # (P, d)
-        self.register_buffer("cholesky", torch.empty(0))  # (P, d, d), lower triangular
-
-    def embed(self, images):
-        """images (B, 3, H, W) -> the chosen channels at layer-1 resolution (B, d, h, w)."""
-        features = self.backbone(images)
-        h, w = features[0].shape[-2:]
-        parts, offset = [], 0
-        for f in features:
-            C = f.shape[1]
-            own = self.channels[(self.channels >= offset) & (self.channels < offset + C)] - offset
-            f = f[:, own]  # select before upsampling: only d channels ever reach full size
-            parts.append(f if f.shape[-2:] == (h, w) else F.interpolate(f, size=(h, w), mode="nearest"))
-            offset += C
-        return torch.cat(parts, 1)
-
-    @torch.no_grad()
-    def fit(self, batches, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        C = sum(self.backbone.channels)
-        self.channels = torch.randperm(C, generator=g)[: self.config.d].sort().values.to(self.device)
-        n, shift = 0, None
-        for images in batches:
-            x = self.embed(images.to(self.device))
-            with timed("covariance", self.device):
-                B, d, h, w = x.shape
-                x = x.reshape(B, d, h * w).permute(2, 1, 0)  # (P, d, B)
-                if shift is None:  # accumulate around a first estimate of the mean, for stability
-                    shift = x.mean(2, keepdim=True)
-                    s1 = torch.zeros_like(shift, dtype=torch.float64)  # (P, d, 1)
-                    s2 = torch.zeros(h * w, d, d, dtype=torch.float64, device=x.device)  # (P, d, d)
-                # One batch's centred products in fp32 (B terms: exact to ~1e-7), summed over
-                # batches in fp64: measured 5x faster than fp64 products, same statistics.
-                x = (x - shift).contiguous()
-                s1 += x.sum(2, keepdim=True)
-                s2 += torch.bmm(x, x.transpose(1, 2))
-                n += B
-        if n < 2:
-            raise VadError("PaDiM needs at least 2 training images")
-        if n <= d:
-            warn(f"PaDiM fitted on {n} images for d={d} feature dimensions: each covariance is "
-                 f"rank-deficient and held up by eps*I alone; use more than {d} normal images")
-        with timed("covariance", self.device):
-            m = s1 / n
-            cov = s2.sub_(n * m @ m.transpose(1, 2)).div_(n - 1)  # unbiased, as eq. 1 of the paper; in place
-            cov.diagonal(dim1=1, dim2=2).add_(self.config.eps)
-            self.mean = (m + shift.double())[..., 0].float()
-            self.cholesky = torch.linalg.cholesky(cov).float()
-
-    @torch.no_grad()
-    def score(self, images):
-        x = self.embed(images.to(self.device))
-        B, d, h, w = x.shape
-        with timed("mahalanobis", self.device):
-            dist = mahalanobis(x.reshape(B, d, h * w).permute(2, 1, 0), self.mean, self.cholesky)  # (P, B)
-        maps = upsample_and_blur(dist.T.reshape(B, h, w), self.image_size, self.config.blur_sigma)
-        return maps.amax((1, 2)), maps
-
-
-@dataclass
-class PatchCoreConfig:
-    backbone: str = "wide_resnet50_2"
-    layers: tuple = (2, 3)  # mid-level features: generic enough, still local (paper sec. 3.1)
-    coreset_ratio: float = 0.1  # the paper's 10% memory bank; 1.0 keeps every patch
-    projection_dim: int = 128  # coreset distances after a random projection, as the reference code
-    num_neighbors: int = 9  # b in eq. 7, the reference code's default
-    embed_dim: typing.Optional[int] = None  # pool patch features to this many dims (reference: 1024)
-    search_cells: int = 0  # Voronoi cells of the bank for the (exact) search; 0: sqrt(bank size)
-    search_probe: int = 1  # cells a patch visits first; others only if they could hold a nearer row
-    blur_sigma: float = BLUR_SIGMA
-
-    def __post_init__(self):
-        self.layers = check_layers(self.layers)
-        if self.search_cells < 0 or self.search_probe < 1:
-            raise ValueError("search_cells must be >= 0 and search_probe >= 1")
-        if not 0 < self.coreset_ratio <= 1:
-            raise ValueError("coreset_ratio must be in (0, 1]")
-        if self.num_neighbors < 1:
-            raise ValueError("num_neighbors must be >= 1")
-        if self.projection_dim < 0 or (self.embed_dim is not None and self.embed_dim < 1):
-            raise ValueError("projection_dim must be >= 0 and embed_dim >= 1")
-
-
-class PatchCore(Detector):
-    """PatchCore (arXiv:2106.08265). Locally averaged mid-level patch features of all
-    normal images form a memory bank, thinned by greedy coreset selection to a few
-    percent. A test patch scores its distance to the nearest bank entry; the image score
-    is the largest patch score, reweighted by how isolated its nearest entry is (eq. 7)."""
-    name = "patchcore"
-    Config = PatchCoreConfig
-
-    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
-        super().__init__(config, image_size)
-        self.backbone = FeatureExtractor(config.backbone, config.layers, weights)
-        self.register_buffer("memory_bank", torch.empty(0))  # (K, C), less bank_origin, grouped by cell
-        self.register_buffer("bank_origin", torch.empty(0))  # (C,) the bank's mean
-        self.register_buffer("cell_centres", torch.empty(0))  # (n, C)
-        self.register_buffer("cell_starts", torch.empty(0, dtype=torch.long))  # (n + 1,)
-        self.register_buffer("cell_radii", torch.empty(0))  # (n,)
-
-    def embed(self, images):
-        """images (B, 3, H, W) -> patch features (B, C, h, w) on the first layer's grid, a view of
-        channels-last memory (so that .permute(0, 2, 3, 1) is one row per patch, no copy)."""
-        features = self.backbone(images, channels_last=True)
-        B, (h, w) = len(images), features[0].shape[-2:]
-        # Channels last throughout: CPU pooling and resampling run 6x faster on it (WRN50:
-        # 110 against 690 ms for 16 images), and the bank wants one row per patch.
-        x = features[0].new_empty(B, h, w, sum(f.shape[1] for f in features))
-        c = 0
-        for f in features:
-            # 3x3 neighbourhood average (sec. 3.1, p = 3), zero padded as in the reference
-            # code (excluding the padding measured 0.001 lower pixel AUROC on bottle).
-            f = F.avg_pool2d(f.contiguous(memory_format=torch.channels_last), 3, 1, 1)
-            if f.shape[-2:] != (h, w):
-                f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
-            x[..., c: c + f.shape[1]] = f.permute(0, 2, 3, 1)
-            c += f.shape[1]
-        x = x.permute(0, 3, 1, 2)
-        if self.config.embed_dim:
-            B, C, h, w = x.shape
-            x = x.permute(0, 2, 3, 1).reshape(-1, 1, C)
-            x = F.adaptive_avg_pool1d(x, self.config.embed_dim).reshape(B, h, w, -1).permute(0, 3, 1, 2)
-        return x
-
-    def coreset(self, parts, seed):
-        """The coreset rows of the concatenation of parts, a list of (n_i, C) tensors."""
-        if self.config.coreset_ratio == 1:
-            return torch.cat(parts)
-        n = max(1, math.ceil(self.config.coreset_ratio * sum(len(p) for p in parts)))
-        with timed("coreset", self.device):
-            picks = greedy_coreset(parts, n, self.config.projection_dim, seed).to(self.device)
-            ends = torch.tensor([len(p) for p in parts], device=self.device).cumsum(0)
-            part = torch.searchsorted(ends, picks, right=True)
-            rows = parts[0].new_empty(len(picks), parts[0].shape[1])
-            for j, p in enumerate(parts):
-                mine = part == j
-                rows[mine] = p[picks[mine] - (ends[j] - len(p))]
-            return rows
-
-    @torch.no_grad()
-    def fit(self, batches, seed=0):
-        # Patches pile up until BANK_BYTES, are thinned to coreset_ratio, and the next
-        # ones pile up afresh: the bank is then a union of coresets of consecutive parts,
-        # which k-center coresets allow (Indyk et al., "Composable core-sets", PODS
-        # 2014), and memory stays bounded however many tiles or images there are. Under
-        # the budget (bottle at 256 px, even with WRN50) it is one coreset of everything.
-        thinned, raw, size = [], [], 0
-        for images in batches:
-            x = self.embed(images.to(self.device)).permute(0, 2, 3, 1).flatten(0, 2)  # (B*h*w, C)
-            raw.append(x)
-            size += x.numel() * x.element_size()
-            if size > BANK_BYTES and self.config.coreset_ratio < 1:
-                thinned.append(self.coreset(raw, seed + len(thinned)))
-                raw, size = [], 0
-        if raw:
-            thinned.append(self.coreset(raw, seed + len(thinned)))
-        bank = torch.cat(thinned)
-        # Centred, |q|^2 - 2 q.b + |b|^2 cancels far less: WRN50 patches have norms near
-        # 450 but lie 7 apart, and the search then agrees with an fp64 one where uncentred
-        # fp32 picked a farther row for 1 patch in 1,000.
-        self.bank_origin = bank.mean(0)
-        bank -= self.bank_origin
-        with timed("search", self.device):
-            n = self.config.search_cells or round(math.sqrt(len(bank)))
-            order, self.cell_centres, self.cell_starts, self.cell_radii = voronoi_cells(bank, n, seed=seed)
-            self.memory_bank = bank[order]
-
-    @torch.no_grad()
-    def score(self, images):
-        x = self.embed(images.to(self.device))
-        B, C, h, w = x.shape
-        patches = x.permute(0, 2, 3, 1).reshape(B * h * w, C)  # a view of embed's own buffer
-        patches -= self.bank_origin
-        with timed("search", self.device):
-            dist, nearest = cell_search(patches, self.memory_bank, self.cell_centres, self.cell_starts,
-                                        self.cell_radii, self.config.search_probe)
-        dist, nearest = dist.reshape(B, h * w), nearest.reshape(B, h * w)
-        maps = upsample_and_blur(dist.reshape(B, h, w), self.image_size, self.config.blur_sigma)
-        # Eq. 7: the worst patch m_test* scores s* = |m_test* - m*|, times 1 - softmax weight
-        # of m* among its b nearest bank neighbours N_b(m*): an isolated m* is trusted less.
-        b = torch.arange(B, device=x.device)
-        worst = dist.argmax(1)
-        s_star = dist[b, worst]
-        if min(self.config.num_neighbors, len(self.memory_bank)) < 2:
-            return s_star, maps
-        m_test = patches.reshape(B, h * w, C)[b, worst]  # (B, C)
-        m_star = self.memory_bank[nearest[b, worst]]  # (B, C)
-        with timed("search", self.device):
-            _, support = nearest_neighbors(m_star, self.memory_bank, self.config.num_neighbors)  # (B, b)
-        d = (m_test[:, None] - self.memory_bank[support]).norm(dim=2)  # (B, b)
-        weight = 1 - torch.exp(s_star - torch.logsumexp(d, 1))
-        return weight * s_star, maps
-
-
-class FusedMapDetector(Detector):
-    """A detector whose map sums several component maps (B, K, H, W) from
-    component_maps(), each standardized with statistics of held-out normal images so
-    that components on different scales can be added."""
-
-    needs_calibration = True
-
-    def __init__(self, config, image_size, components):
-        super().__init__(config, image_size)
-        self.register_buffer("map_mean", torch.zeros(components))  # per component, held-out images
-        self.register_buffer("map_std", torch.ones(components))
-
-    @torch.no_grad()
-    def calibrate(self, batches):
-        maps = torch.cat([self.component_maps(b.to(self.device)) for b in batches])  # (N, K, H, W)
-        self.map_mean = maps.mean((0, 2, 3))
-        self.map_std = maps.std((0, 2, 3)).clamp_min(1e-12)
-
-    def standardized(self, maps):
-        return (maps - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
-
-    def image_scores(self, maps):
-        return top_k_mean(maps, self.config.top_k if self.config.image_score == "topk" else 1)
-
-    def map_score(self, anomaly_map):
-        return float(self.image_scores(anomaly_map.reshape(1, 1, -1))[0])
-
-
-@dataclass
-class EfficientADConfig:
-    backbone: str = "wide_resnet50_2"  # the frozen teacher
-    layers: tuple = (1, 2, 3)  # the report's three scales (sec. 4.3.1)
-    student_weights: str = "none"  # ResNet-18 student: random init as in EfficientAD, or "imagenet"/PATH
-    epochs: int = 30  # the report trains 100; see the README for what fewer costs
-    lr: float = 1e-3  # Adam, divided by 10 after lr_drop of the epochs (report: 80 of 100)
-    lr_drop: float = 0.8
-    batch_size: int = 8
-    hard_quantile: float = 0.0  # 0: plain MSE (report); 0.999: EfficientAD's hard-feature loss
-    augment_pool: int = 4  # versions of each image (the first unaugmented) with cached teacher targets
-    rotate: float = 10.0  # augmentation: degrees, flips, colour jitter (report sec. 4.3.3)
-    flip: bool = True
-    jitter: float = 0.1
-    fusion: str = "normalized"  # each scale standardized before the sum (measured best on bottle); raw: plain sum
-    image_score: str = "max"  # max, or topk: the mean of the top_k map values
-    top_k: int = 100
-    blur_sigma: float = BLUR_SIGMA
-
-    def __post_init__(self):
-        self.layers = check_layers(self.layers)
-        if self.epochs < 1 or self.batch_size < 1 or self.augment_pool < 1 or self.top_k < 1:
-            raise ValueError("epochs, batch_size, augment_pool and top_k must be >= 1")
-        if not 0 <= self.hard_quantile < 1 or not 0 < self.lr_drop <= 1:
-            raise ValueError("hard_quantile must be in [0, 1) and lr_drop in (0, 1]")
-        if self.fusion not in ("raw", "normalized") or self.image_score not in ("max", "topk"):
-            raise ValueError("fusion must be raw or normalized, image_score max or topk")
-
-
-class EfficientAD(FusedMapDetector):
-    """Multi-scale student-teacher distillation, as the report builds EfficientAD (its
-    sec. 4.3; Batzner et al., arXiv:2303.14535). A ResNet-18 student, through 1x1 linear
-    adapters, learns to reproduce the frozen pretrained teacher's normalized features at
-    three scales on normal images only; where it fails, the image is anomalous. The map
-    fuses the per-scale squared errors. Deviation from the original EfficientAD: no
-    autoencoder branch and a ResNet student, as in the report."""
-    name = "efficientad"
-    Config = EfficientADConfig
-
-    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
-        super().__init__(config, image_size, components=len(config.layers))
-        self.teacher = FeatureExtractor(config.backbone, config.layers, weights)
-        student_weights = "empty" if weights == "empty" else config.student_weights
-        try:
-            self.student = FeatureExtractor("resnet18", config.layers, student_weights, frozen=False)
-        except VadError as e:
-            raise VadError(f"student: {e}".replace("--weights ", "-s student_weights=")) from None
-        self.adapters = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(self.student.channels, self.teacher.channels))
-        C = sum(self.teacher.channels)
-        self.register_buffer("teacher_mean", torch.zeros(C))  # per channel, over the training images
-        self.register_buffer("teacher_std", torch.ones(C))
-
-    def normalize(self, features):
-        """Teacher features, one (B, C_l, h_l, w_l) per scale, standardized per channel."""
-        means = self.teacher_mean.split(self.teacher.channels)
-        stds = self.teacher_std.split(self.teacher.channels)
-        return [(f.float() - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1) for f, m, s in zip(features, means, stds)]
-
-    def targets(self, images):
-        return self.normalize(self.teacher(images))
-
-    def predictions(self, images):
-        return [adapt(f) for adapt, f in zip(self.adapters, self.student(images))]
-
-    def loss(self, targets, predictions):
-        """Sum over scales of the mean squared error (report eq. 4.4); with hard_quantile q,
-        only errors above their q-quantile count (EfficientAD's hard-feature loss)."""
-        total = 0
-        for t, p in zip(targets, predictions):
-            e = (t.float() - p.float()).square()
-            if self.config.hard_quantile:
-                flat = e.flatten()
-                # torch.quantile is limited to 16M elements; kthvalue gives the same order statistic
-                k = max(1, int(math.ceil(self.config.hard_quantile * flat.numel())))
-                e = flat[flat >= flat.kthvalue(k).values]
-            total = total + e.mean()
-        return total
-
-    def fit(self, batches, seed=0):
-        cfg = self.config
-        g = torch.Generator().manual_seed(seed)
-        images = torch.cat([(b * 255).round().to(torch.uint8) for b in batches])  # (N, 3, H, W), kept as bytes
-        N = len(images)
-        # One teacher pass over a pool of versions of each image (the first unaugmented):
-        # the targets are computed once, not every epoch; stored in bf16, normalized per
-        # channel with statistics of the unaugmented images when a batch is drawn.
-        pool, features, s1, s2 = [], [[] for _ in cfg.layers], 0, 0
-        with torch.no_grad():
-            for v in progress(range(cfg.augment_pool), cfg.augment_pool, "teacher"):
-                for a in range(0, N, cfg.batch_size):
-                    x = images[a: a + cfg.batch_size].float() / 255
-                    if v:
-                        x = augment(x, g, cfg.rotate, cfg.flip, cfg.jitter)
-                    pool.append((x * 255).round().to(torch.uint8))
-                    f = self.teacher(x.to(self.device))
-                    for store, t in zip(features, f):
-                        store.append(t.to(torch.bfloat16))
-                    if v == 0:  # per channel of each scale: sums over images and positions
-                        s1 = s1 + torch.cat([t.double().mean((2, 3)).sum(0) for t in f])
-                        s2 = s2 + torch.cat([t.double().square().mean((2, 3)).sum(0) for t in f])
-        self.teacher_mean = (s1 / N).float()
-        self.teacher_std = (s2 / N - (s1 / N) ** 2).clamp_min(1e-12).sqrt().float()
-        pool = torch.cat(pool).view(cfg.augment_pool, N, *images.shape[1:])
-        features = [torch.cat(f).view(cfg.augment_pool, N, *f[0].shape[1:]) for f in features]
-        def steps(epoch):  # each image once per epoch, in a random one of its versions
-            order, version = torch.randperm(N, generator=g), torch.randint(cfg.augment_pool, (N,), generator=g)
-            for a in range(0, N, cfg.batch_size):
-                i, v = order[a: a + cfg.batch_size], version[order[a: a + cfg.batch_size]]
-                x = (pool[v, i].to(self.device).float() / 255).contiguous(memory_format=torch.channels_last)
-                targets = self.normalize([f[v, i].to(self.device) for f in features])
-                with train_autocast(self.device, self.precision):
-                    yield self.loss(targets, self.predictions(x)), len(i)
-
-        # Train student and adapters: lr / 10 after lr_drop of the epochs (report: 80 of 100).
-        drop = max(1, round(cfg.lr_drop * cfg.epochs))
-        self.student.train()
-        self.student.to(memory_format=torch.channels_last)  # measured 1.5x faster training steps on CPU
-        train(list(self.student.parameters()) + list(self.adapters.parameters()), cfg.epochs,
-              lambda epoch: cfg.lr if epoch < drop else cfg.lr / 10, steps, self.precision)
-        self.student.eval()
-        self.student.to(memory_format=torch.contiguous_format)
-
-    @torch.no_grad()
-    def component_maps(self, images):
-        """Per-scale squared errors, channel-averaged, upsampled and blurred -> (B, L, H, W)."""
-        maps = [(t - p).square().mean(1) for t, p in zip(self.targets(images), self.predictions(images))]
-        return torch.stack([upsample_and_blur(m, self.image_size, self.config.blur_sigma) for m in maps], 1)
-
-    @torch.no_grad()
-    def score(self, images):
-        maps = self.component_maps(images.to(self.device))
-        if self.config.fusion == "normalized":  # report sec. 4.3.4: standardize each scale before fusing
-            maps = self.standardized(maps)
-        maps = maps.sum(1)
-        return self.image_scores(maps), maps
-
-
-@dataclass
-class AutoencoderConfig:
-    widths: tuple = (32, 64, 128, 256, 256)  # encoder convolutions, each halving the resolution
-    latent: int = 16  # bottleneck channels at 1/32 of the input size (8 x 8 at 256 px)
-    epochs: int = 60  # measured on bottle: 30 clearly worse, 100 no better (README)
-    lr: float = 1e-3
-    batch_size: int = 8
-    ssim_loss: float = 0.5  # loss = (1 - w) MSE + w (1 - SSIM), the report's 0.5 / 0.5
-    ssim_map: float = 0.9  # map = (1 - w) squared error + w (1 - SSIM map), each standardized; SSIM-heavy measured best
-    rotate: float = 0.0  # augmentation during training (degrees, flips, colour jitter)
-    flip: bool = False
-    jitter: float = 0.0
-    image_score: str = "topk"  # max, or topk: the mean of the top_k map values
-    top_k: int = 100
-    blur_sigma: float = BLUR_SIGMA
-
-    def __post_init__(self):
-        self.widths = tuple(self.widths)
-        if not self.widths or min(self.widths) < 1 or self.latent < 1:
-            raise ValueError("widths and latent must be positive channel counts")
-        if self.epochs < 1 or self.batch_size < 1 or self.top_k < 1:
-            raise ValueError("epochs, batch_size and top_k must be >= 1")
-        if not 0 <= self.ssim_loss <= 1 or not 0 <= self.ssim_map <= 1:
-            raise ValueError("ssim_loss and ssim_map must be in [0, 1]")
-        if self.image_score not in ("max", "topk"):
-            raise ValueError("image_score must be max or topk")
-
-
-class Autoencoder(FusedMapDetector):
-    """Symmetric convolutional autoencoder (the report's SCAE, its sec. 4.4), trained from
-    scratch on normal images with 0.5 MSE + 0.5 (1 - SSIM). It learns to squeeze normal
-    images through a narrow bottleneck and back; a defect does not come back, so the map
-    combines the reconstruction's squared error with its (1 - SSIM) map."""
-    name = "autoencoder"
-    Config = AutoencoderConfig
-
-    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
-        super().__init__(config, image_size, components=2)  # squared error, 1 - SSIM
-        if any(v % 2 ** len(config.widths) for v in self.image_size):
-            raise ValueError(f"image size {image_size} must be a multiple of {2 ** len(config.widths)} "
-                             f"for {len(config.widths)} halvings")
-
-        def block(conv, c_out):
-            return [conv, nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
-        encoder, c = [], 3
-        for w in config.widths:  # 4x4 stride-2 convolutions: each halves the resolution
-            encoder += block(nn.Conv2d(c, w, 4, 2, 1), w)
-            c = w
-        encoder += [nn.Conv2d(c, config.latent, 1)]  # the bottleneck
-        decoder = block(nn.Conv2d(config.latent, c, 1), c)
-        for w in config.widths[-2::-1]:  # the mirror image
-            decoder += block(nn.ConvTranspose2d(c, w, 4, 2, 1), w)
-            c = w
-        decoder += [nn.ConvTranspose2d(c, 3, 4, 2, 1), nn.Sigmoid()]
-        self.encoder, self.decoder = nn.Sequential(*encoder), nn.Sequential(*decoder)
-        self.eval()
-
-    def forward(self, images):
-        return self.decoder(self.encoder(images))
-
-    def loss(self, images, reconstructions):
-        w = self.config.ssim_loss
-        mse = (images - reconstructions).square().mean()
-        return (1 - w) * mse + w * (1 - ssim_map(images, reconstructions).mean())
-
-    def fit(self, batches, seed=0):
-        cfg = self.config
-        g = torch.Generator().manual_seed(seed)
-        images = torch.cat([(b * 255).round().to(torch.uint8) for b in batches])
-        N = len(images)
-
-        def steps(epoch):
-            order = torch.randperm(N, generator=g)
-            for a in range(0, N, cfg.batch_size):
-                x = images[order[a: a + cfg.batch_size]].to(self.device).float() / 255
-                x = augment(x, g, cfg.rotate, cfg.flip, cfg.jitter).contiguous(memory_format=torch.channels_last)
-                with train_autocast(self.device, self.precision):
-                    y = self(x)
-                yield self.loss(x, y.float()), len(x)  # SSIM in fp32
-
-        self.train()
-        self.to(memory_format=torch.channels_last)  # measured 1.75x faster training steps on CPU
-        train(self.parameters(), cfg.epochs, lambda epoch: cfg.lr, steps, self.precision)
-        self.eval()
-        self.to(memory_format=torch.contiguous_format)
-
-    @torch.no_grad()
-    def component_maps(self, images):
-        """(B, 2, H, W): per-pixel squared error (channel mean) and 1 - SSIM, blurred."""
-        y = self(images)
-        maps = [(images - y).square().mean(1), 1 - ssim_map(images, y)]
-        return torch.stack([upsample_and_blur(m, self.image_size, self.config.blur_sigma) for m in maps], 1)
-
-    @torch.no_grad()
-    def score(self, images):
-        z = self.standardized(self.component_maps(images.to(self.device)))
-        w = self.config.ssim_map
-        maps = (1 - w) * z[:, 0] + w * z[:, 1]
-        return self.image_scores(maps), maps
-
-
-DETECTORS = {cls.name: cls for cls in (PaDiM, PatchCore, EfficientAD, Autoencoder)}
-
-
-def make_config(model, settings=None, **common):
-    """The detector's Config from common options (backbone) and `-s KEY=VALUE` strings,
-    each parsed to its field's type. Unknown keys and bad values are VadErrors."""
-    if model not in DETECTORS:
-        raise VadError(f"unknown model {model!r}: choose from {', '.join(DETECTORS)}")
-    cls = DETECTORS[model].Config
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in common.items() if v is not None and k in fields}  # e.g. no backbone for the autoencoder
-    for item in settings or ():
-        key, sep, text = item.partition("=")
-        key = key.strip().removeprefix(f"{model}.")
-        if not sep or key not in fields:
-            raise VadError(f"-s {item}: {model} settings are {', '.join(f'{k}=' for k in fields)}")
-        values[key] = _parse_value(key, text.strip(), fields[key].default)
-    try:
-        return cls(**values)
-    except (ValueError, TypeError) as e:
-        raise VadError(f"{model} settings: {e}") from None
-
-
-def model_settings(model, settings):
-    """The `-s` items for `model` when several models share one command line: those
-    written MODEL.KEY=VALUE for it, and plain KEY=VALUE ones whose key it has."""
-    fields = {f.name for f in dataclasses.fields(DETECTORS[model].Config)}
-    mine = []
-    for item in settings or ():
-        key = item.partition("=")[0].strip()
-        prefix, dot, _ = key.partition(".")
-        if (dot and prefix == model) or (not dot and key in fields):
-            mine.append(item)
-    return mine
-
-
-def check_settings(models, settings):
-    """Every `-s` item must concern at least one of `models` (else a VadError naming the keys)."""
-    for item in settings or ():
-        if not any(model_settings(m, [item]) for m in models):
-            keys = sorted({f.name for m in models for f in dataclasses.fields(DETECTORS[m].Config)})
-            raise VadError(f"-s {item}: no such setting for {', '.join(models)}; settings are "
-                           f"{', '.join(k + '=' for k in keys)} (MODEL.KEY=VALUE targets one model)")
-
-
-def _parse_value(key, text, default):
-    """Parse a -s value to the type of the field's default (None defaults are optional ints)."""
-    try:
-        if default is None:
-            return None if text.lower() in ("none", "") else int(text)
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("true", "1", "yes")
-        if isinstance(default, tuple):
-            return tuple(int(v) for v in text.split(",") if v)
-        return type(default)(text)
-    except ValueError:
-        kind = "comma-separated integers" if isinstance(default, tuple) else type(default or 0).__name__
-        raise VadError(f"-s {key}={text}: expected {kind}") from None
-
-# -----------------------------------------------------------------------------
-# Model files: one .pt = format header + config + every tensor, loadable with weights_only
-
-
-def _digest(checkpoint):
-    """SHA-256 over what defines the model: detector, config, input size, and the names,
-    dtypes, shapes and bytes of every tensor of its state dict."""
-    h = hashlib.sha256()
-    header = {k: checkpoint[k] for k in ("detector", "config", "image_size", "framing")}
-    h.update(json.dumps(header, sort_keys=True).encode())
-    state = checkpoint["state_dict"]
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _torch_save(obj, path):
-    # Through a file object: torch.save names the archive's records after a path it is
-    # given, which would make two saves of one model differ by their temporary names.
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def save(detector, path, info=None):
-    """Write the detector to one .pt file, atomically (temporary file, then rename)."""
-    state = {k: v.detach().cpu() for k, v in detector.state_dict().items()}
-    checkpoint = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "vad_version": __version__,
-        "detector": detector.name,
-        "config": dataclasses.asdict(detector.config),
-        "image_size": list(detector.image_size),
-        "framing": dataclasses.asdict(detector.framing),
-        "precision": detector.precision,  # the backbone's at fit (the threshold was calibrated with it)
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "threshold": float(detector.threshold),
-        "info": dict(info or {}),
-        "state_dict": state,
-    }
-    checkpoint["sha256"] = _digest(checkpoint)
-    try:
-        atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp))
-    except OSError as e:  # disk full, read-only folder, ...: the old file (if any) is intact
-        raise VadError(f"could not write model file {path}: {e.strerror or e}") from None
-
-
-def load(path, device="cpu", precision="model"):
-    """Read a .pt written by save(). Only tensors and plain containers are unpickled
-    (weights_only=True), so a crafted file cannot run code; anything that is not a vad
-    model of this format version, or whose tensors changed since saving, is refused.
-    precision "model" keeps the backbone precision the model was fitted (and its
-    threshold calibrated) with; any other value overrides it (see pick_precision)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VadError(f"model file {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = "refused unsafe content" if "weights_only" in str(e) or "Unpickl" in type(e).__name__ else "unreadable or truncated"
-        raise VadError(f"{path} is not a vad model file ({reason}); fit one with 'vad.py fit'") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_NAME:
-        raise VadError(f"{path} is not a vad model file; fit one with 'vad.py fit'")
-    if checkpoint.get("format_version") != FORMAT_VERSION:
-        raise VadError(f"{path} has model format version {checkpoint.get('format_version')}, this vad "
-                       f"{__version__} reads version {FORMAT_VERSION}; fit the model again with this vad")
-    try:
-        state = checkpoint["state_dict"]
-        if _digest(checkpoint) != checkpoint["sha256"]:
-            raise VadError(f"{path} is corrupted or was modified since it was saved (checksum mismatch); fit it again")
-        cls = DETECTORS[checkpoint["detector"]]
-        detector = cls(cls.Config(**checkpoint["config"]), checkpoint["image_size"], weights="empty")
-        detector.framing = Framing(**checkpoint["framing"])
-        for name, tensor in state.items():  # fitted buffers have data-dependent shapes
-            module, _, leaf = name.rpartition(".")
-            owner = detector.get_submodule(module)
-            if leaf in owner._buffers and owner._buffers[leaf].shape != tensor.shape:
-                owner._buffers[leaf] = torch.empty_like(tensor)
-        detector.load_state_dict(state)
-    except VadError:
-        raise
-    except Exception as e:
-        raise VadError(f"{path} is not a valid vad model ({type(e).__name__}: {e}); fit it again") from None
-    detector.info = checkpoint.get("info", {})
-    detector = detector.to(pick_device(device)).eval()
-    return detector.set_precision(checkpoint["precision"] if precision == "model" else
-                                  pick_precision(precision, detector.device))
-
-# -----------------------------------------------------------------------------
-# Metrics (numpy/scipy): image AUROC, pixel AUROC, AUPRO, thresholded and oracle F1
-
-
-def auroc(scores, labels):
-    """Area under the ROC curve, exact and tie-aware: the Mann-Whitney U statistic with
-    mid-ranks, i.e. P(score_pos > score_neg) + 0.5 P(tie). NaN if a class is missing."""
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    y = np.asarray(labels, dtype=bool).ravel()
-    n1 = int(y.sum())
-    n0 = y.size - n1
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    import scipy.stats  # metrics are for bench only; scipy stays off the scoring path
-
-    ranks = scipy.stats.rankdata(s)
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def aupro(maps, masks, max_fpr=0.3):
-    """Area under the per-region-overlap curve up to max_fpr, divided by max_fpr (MVTec
-    AD paper, sec. 4.2). At each threshold, PRO is the mean over connected defect regions
-    (8-connectivity, all images) of the fraction of the region above the threshold, and
-    FPR the fraction of all defect-free pixels above it. Exact: every distinct score is a
-    threshold; the curve is closed at max_fpr by linear interpolation."""
-    import scipy.ndimage
-
-    maps = np.asarray(maps, dtype=np.float64)
-    scored = np.isfinite(maps)  # NaN: a pixel that was not inspected (cropped away, letterbox)
-    masks = np.asarray(masks, dtype=bool) & scored
-    maps = np.where(scored, maps, -np.inf)
-    weight = np.zeros(maps.shape)  # each region's pixels share 1/regions of the PRO
-    regions = 0
-    for i in range(len(masks)):
-        labels, n = scipy.ndimage.label(masks[i], structure=np.ones((3, 3)))
-        if n:
-            sizes = np.bincount(labels.ravel())
-            weight[i][labels > 0] = 1.0 / sizes[labels[labels > 0]]
-            regions += n
-    normal = ~masks & scored
-    if regions == 0 or not normal.any():
-        return float("nan")
-    order = np.argsort(-maps.ravel(), kind="stable")
-    s = maps.ravel()[order]
-    fpr = np.cumsum(normal.ravel()[order]) / normal.sum()
-    pro = np.cumsum(weight.ravel()[order]) / regions
-    last = np.r_[s[1:] != s[:-1], True]  # a threshold admits all of its ties at once
-    fpr, pro = np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
-    j = int(np.searchsorted(fpr, max_fpr, side="right"))
-    x, y = fpr[:j], pro[:j]
-    if j < len(fpr):
-        t = (max_fpr - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
-        x, y = np.r_[x, max_fpr], np.r_[y, pro[j - 1] + t * (pro[j] - pro[j - 1])]
-    return float(np.trapezoid(y, x) / max_fpr)
-
-
-def classification(scores, labels, threshold):
-    """Precision, recall, F1 and accuracy when score > threshold means anomalous."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=bool)
-    pred = s > threshold
-    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float((pred == y).mean())}
-
-
-def f1_max(scores, labels):
-    """The best F1 over every threshold on these scores. An oracle: it looks at the test
-    labels, so it bounds what a threshold could do; it is not a deployable number."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=bool)
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    tp, fp = np.cumsum(y), np.cumsum(~y)
-    last = np.r_[s[1:] != s[:-1], True]
-    tp, fp = tp[last], fp[last]
-    f1 = 2 * tp / (tp + fp + y.sum())
-    return float(f1.max()) if y.any() else 0.0
-
-# -----------------------------------------------------------------------------
-# API: fit, calibrate, score, evaluate
+# API: fit, score, evaluate; metrics (image AUROC, pixel AUROC, AUPRO, thresholded and oracle F1)
 
 
 def calibrate(scores):
@@ -2358,6 +2039,84 @@ def fit(data, model="patchcore", *, backbone="wide_resnet50_2", weights="imagene
     return detector
 
 
+def auroc(scores, labels):
+    """Area under the ROC curve, exact and tie-aware: the Mann-Whitney U statistic with
+    mid-ranks, i.e. P(score_pos > score_neg) + 0.5 P(tie). NaN if a class is missing."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    import scipy.stats  # metrics are for bench only; scipy stays off the scoring path
+
+    ranks = scipy.stats.rankdata(s)
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def aupro(maps, masks, max_fpr=0.3):
+    """Area under the per-region-overlap curve up to max_fpr, divided by max_fpr (MVTec
+    AD paper, sec. 4.2). At each threshold, PRO is the mean over connected defect regions
+    (8-connectivity, all images) of the fraction of the region above the threshold, and
+    FPR the fraction of all defect-free pixels above it. Exact: every distinct score is a
+    threshold; the curve is closed at max_fpr by linear interpolation."""
+    import scipy.ndimage
+
+    maps = np.asarray(maps, dtype=np.float64)
+    scored = np.isfinite(maps)  # NaN: a pixel that was not inspected (cropped away, letterbox)
+    masks = np.asarray(masks, dtype=bool) & scored
+    maps = np.where(scored, maps, -np.inf)
+    weight = np.zeros(maps.shape)  # each region's pixels share 1/regions of the PRO
+    regions = 0
+    for i in range(len(masks)):
+        labels, n = scipy.ndimage.label(masks[i], structure=np.ones((3, 3)))
+        if n:
+            sizes = np.bincount(labels.ravel())
+            weight[i][labels > 0] = 1.0 / sizes[labels[labels > 0]]
+            regions += n
+    normal = ~masks & scored
+    if regions == 0 or not normal.any():
+        return float("nan")
+    order = np.argsort(-maps.ravel(), kind="stable")
+    s = maps.ravel()[order]
+    fpr = np.cumsum(normal.ravel()[order]) / normal.sum()
+    pro = np.cumsum(weight.ravel()[order]) / regions
+    last = np.r_[s[1:] != s[:-1], True]  # a threshold admits all of its ties at once
+    fpr, pro = np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
+    j = int(np.searchsorted(fpr, max_fpr, side="right"))
+    x, y = fpr[:j], pro[:j]
+    if j < len(fpr):
+        t = (max_fpr - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
+        x, y = np.r_[x, max_fpr], np.r_[y, pro[j - 1] + t * (pro[j] - pro[j - 1])]
+    return float(np.trapezoid(y, x) / max_fpr)
+
+
+def classification(scores, labels, threshold):
+    """Precision, recall, F1 and accuracy when score > threshold means anomalous."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    pred = s > threshold
+    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float((pred == y).mean())}
+
+
+def f1_max(scores, labels):
+    """The best F1 over every threshold on these scores. An oracle: it looks at the test
+    labels, so it bounds what a threshold could do; it is not a deployable number."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    tp, fp = np.cumsum(y), np.cumsum(~y)
+    last = np.r_[s[1:] != s[:-1], True]
+    tp, fp = tp[last], fp[last]
+    f1 = 2 * tp / (tp + fp + y.sum())
+    return float(f1.max()) if y.any() else 0.0
+
+
 def _stack_padded(maps, fill):
     """Arrays of possibly different (H, W) -> one (N, H_max, W_max) array, padded with fill."""
     H, W = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
@@ -2395,6 +2154,145 @@ def evaluate(detector, dataset, batch_size=BATCH_SIZE):
         "score_ms_per_image": 1000 * seconds / len(scores),
     }
     return result
+
+# -----------------------------------------------------------------------------
+# Bench, and the embedded synthetic inspection set (a smoke test, not a benchmark)
+
+
+def _draw_defect(kind, image, rng, center, radii, s):
+    """Paint one defect of `kind` onto `image` (H, W, 3 float) at a distance in `radii`
+    from `center`; return its mask."""
+    H, W, _ = image.shape
+    mask = Image.new("L", (W, H), 0)
+    draw = ImageDraw.Draw(mask)
+    cy, cx = center
+    angle = rng.uniform(0, 2 * np.pi)
+    r = rng.uniform(*radii)
+    y, x = cy + r * np.sin(angle), cx + r * np.cos(angle)
+    if kind == "scratch":  # a thin straight bright line
+        theta, length = rng.uniform(0, np.pi), rng.uniform(30, 60) * s
+        dx, dy = np.cos(theta) * length / 2, np.sin(theta) * length / 2
+        draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=255, width=max(1, round(2 * s)))
+        shift = np.array([70.0, 70.0, 70.0])
+    elif kind == "spot":  # a round stain of another colour
+        rad = rng.uniform(6, 10) * s
+        draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=255)
+        shift = np.array([-60.0, -25.0, 20.0])
+    else:  # crack: a dark jagged random walk
+        points, theta = [(x, y)], rng.uniform(0, 2 * np.pi)
+        for _ in range(8):
+            theta += rng.uniform(-0.8, 0.8)
+            x, y = x + np.cos(theta) * 7 * s, y + np.sin(theta) * 7 * s
+            points.append((x, y))
+        draw.line(points, fill=255, width=max(1, round(2 * s)))
+        shift = np.array([-80.0, -80.0, -80.0])
+    m = np.asarray(mask) > 0
+    image[m] = image[m] + shift
+    return m
+
+
+def _synthetic_image(kind, rng, size):
+    """A normal image (H, W, 3 float): a stochastic textured surface, or a washer-like part
+    on a background; with the center and the range of radii where defects may go."""
+    import scipy.ndimage  # here, not at the top: scipy costs start-up time that scoring never needs
+
+    s = size / 256
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    grain = scipy.ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 2 * s) * 60 + rng.normal(0, 3, (size, size))
+    if kind == "surface":
+        phase = rng.uniform(0, 2 * np.pi)
+        stripes = 8 * np.sin(2 * np.pi * (xx * 0.8 + yy * 0.6) / (12 * s) + phase)
+        image = np.array([150.0, 138.0, 120.0]) + (grain + stripes)[..., None] * np.array([1.0, 0.95, 0.9])
+        return image, (size / 2, size / 2), (0, 0.35 * size)
+    cy, cx = size / 2 + rng.uniform(-3, 3) * s, size / 2 + rng.uniform(-3, 3) * s
+    r = np.hypot(yy - cy, xx - cx)
+    outer, inner = 0.36 * size, 0.14 * size
+    ring = np.clip(outer - r + 0.5, 0, 1) * np.clip(r - inner + 0.5, 0, 1)  # anti-aliased annulus
+    metal = 160 + 40 * np.cos(np.arctan2(yy - cy, xx - cx)) * (r / outer) + grain / 3
+    image = (45 + grain / 4)[..., None] * (1 - ring[..., None]) + (metal[..., None] * np.array([1.0, 1.0, 1.05])) * ring[..., None]
+    return image, (cy, cx), (inner + 0.05 * size, outer - 0.07 * size)  # defects on the part
+
+
+def make_synthetic(root, kind="surface", size=256, n_train=24, n_good=8, n_defect=4, seed=0):
+    """Write a small MVTec-layout category of `kind` ("surface" or "part") under `root`:
+    normal training images, normal test images, and scratch/spot/crack test images with
+    masks. Deterministic for a given seed."""
+    root = Path(root)
+    rng = np.random.default_rng([seed, 0 if kind == "surface" else 1])
+    s = size / 256
+
+    def save(image, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+
+    for i in range(n_train):
+        save(_synthetic_image(kind, rng, size)[0], root / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        save(_synthetic_image(kind, rng, size)[0], root / "test" / "good" / f"{i:03d}.png")
+    for defect in ("scratch", "spot", "crack"):
+        for i in range(n_defect):
+            image, center, radii = _synthetic_image(kind, rng, size)
+            mask = _draw_defect(defect, image, rng, center, radii, s)
+            save(image, root / "test" / defect / f"{i:03d}.png")
+            save(mask * 255.0, root / "ground_truth" / defect / f"{i:03d}_mask.png")
+    return root
+
+
+def synthetic_data():
+    """The embedded default data set: two small categories generated once into the cache."""
+    base = CACHE_DIR / f"synthetic-v{FORMAT_VERSION}"
+    if not (base / "complete").exists():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=base.parent))
+        for kind in ("surface", "part"):
+            make_synthetic(tmp / kind, kind)
+        (tmp / "complete").write_text("vad synthetic smoke-test set\n")
+        try:
+            tmp.rename(base)
+        except OSError:  # another process finished first; its copy is identical
+            pass
+    return [base / "surface", base / "part"]
+
+
+def model_settings(model, settings):
+    """The `-s` items for `model` when several models share one command line: those
+    written MODEL.KEY=VALUE for it, and plain KEY=VALUE ones whose key it has."""
+    fields = {f.name for f in dataclasses.fields(DETECTORS[model].Config)}
+    mine = []
+    for item in settings or ():
+        key = item.partition("=")[0].strip()
+        prefix, dot, _ = key.partition(".")
+        if (dot and prefix == model) or (not dot and key in fields):
+            mine.append(item)
+    return mine
+
+
+def check_settings(models, settings):
+    """Every `-s` item must concern at least one of `models` (else a VadError naming the keys)."""
+    for item in settings or ():
+        if not any(model_settings(m, [item]) for m in models):
+            keys = sorted({f.name for m in models for f in dataclasses.fields(DETECTORS[m].Config)})
+            raise VadError(f"-s {item}: no such setting for {', '.join(models)}; settings are "
+                           f"{', '.join(k + '=' for k in keys)} (MODEL.KEY=VALUE targets one model)")
+
+
+def machine():
+    """Where a benchmark runs: CPU model, ISA level, threads, torch version."""
+    return {"cpu": cpu_info()[0], "isa": isa_level(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "vad": __version__}
+
+
+def cpu_seconds():
+    """(CPU seconds the whole machine has been busy, of which this process) so far; None
+    where /proc/stat is missing (not Linux). Steal time counts as busy: it is time a
+    virtual machine's core was given to another guest."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
 def _share(stages, seconds, *parts):
@@ -2480,7 +2378,6 @@ def bench_table(results):
 # -----------------------------------------------------------------------------
 # Heat maps
 
-
 _COLORS = np.array([[0, 0, 128], [0, 64, 255], [0, 224, 255], [255, 224, 0], [255, 32, 0]], dtype=np.float64)
 
 
@@ -2512,7 +2409,6 @@ def overlay(image, anomaly_map, low, pixel_threshold):
 # Serving: the report's upload-and-inspect page (ch. 6) and a JSON endpoint, standard library only
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # per request; larger bodies get 413
-
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vad: inspect an image</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -2709,6 +2605,147 @@ class InspectionHandler(http.server.BaseHTTPRequestHandler):
             return self._json(400, {"error": str(e)})
         self._json(200, result)
 
+# -----------------------------------------------------------------------------
+# Plumbing: progress bars, stage timers, prefetching, peak memory, atomic writes
+
+
+def progress(iterable, total=None, desc="", status=None):
+    """Yield from `iterable`, drawing a progress bar with time left on stderr; `status`,
+    a function, adds a live note such as the current loss.
+
+    On a terminal the bar redraws in place; elsewhere (logs, CI) a line is written every
+    30 s and one when the step ends, so captured stderr stays readable.
+    """
+    if not VERBOSE:
+        yield from iterable
+        return
+    total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+    live = sys.stderr.isatty()
+    start = last = time.perf_counter()
+    i = 0
+
+    def line(now):
+        left = f"<{(now - start) / i * (total - i):.0f}s" if total and i else ""
+        count = f"{i}/{total}" if total else f"{i}"
+        return f"{desc}: {count} [{now - start:.0f}s{left}]" + (f" {status()}" if status else "")
+
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        if live and (now - last > 0.2 or i == total):
+            last = now
+            sys.stderr.write(f"\r{line(now)}  ")
+            sys.stderr.flush()
+        elif not live and now - last > 30:
+            last = now
+            sys.stderr.write(line(now) + "\n")
+    now = time.perf_counter()
+    if live:
+        sys.stderr.write("\n")
+    elif now - start > 2:
+        sys.stderr.write(line(now) + "\n")
+
+
+STAGE_SECONDS = collections.defaultdict(float)  # wall seconds per stage since the last clear (bench)
+
+
+@contextlib.contextmanager
+def timed(stage, device=None):
+    """Add the block's wall time to STAGE_SECONDS[stage]. On CUDA the device is synchronized
+    at both ends, else queued kernels would be billed to whichever stage waits next."""
+    sync = device is not None and device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if sync:
+            torch.cuda.synchronize(device)
+        STAGE_SECONDS[stage] += time.perf_counter() - start
+
+
+def prefetch(iterable, depth=2):
+    """Yield from `iterable`, run `depth` items ahead in a background thread: the next
+    images are decoded while the current batch is computed (Pillow and torch release the
+    GIL while they work). Exceptions surface at the consumer, in order."""
+    items, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for item in iterable:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # handed to the consumer
+            put((end, e))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            with timed("load"):
+                item, error = items.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+class PeakMemory:
+    """Context manager measuring the peak resident memory (bytes) of the block.
+
+    Linux lets a process reset its high-water mark (write 5 to /proc/self/clear_refs),
+    which makes the peak of one block exact. Elsewhere the process-wide peak is used.
+    """
+
+    def __enter__(self):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = None
+        if self.exact:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak = int(line.split()[1]) * 1024
+        if self.peak is None:
+            scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto `path`: readers see the old file or the
+    whole new one, never a partial one, whatever interrupts the write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder (rename is atomic only within a file system); created by write() itself
+    # so the file gets the usual permissions, not mkstemp's 0600.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 # -----------------------------------------------------------------------------
 # CLI
