@@ -19,6 +19,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -1005,7 +1006,6 @@ def test_bench_warns_when_other_work_disturbs_its_timings(dataset, monkeypatch):
 
 
 def test_stage_timers_add_up(dataset):
-    import time
     vad.STAGE_SECONDS.clear()
     with vad.timed("outer"):
         time.sleep(0.05)
@@ -1039,7 +1039,6 @@ def test_prefetch_keeps_order_passes_errors_and_stops_early():
     stream = vad.prefetch(endless(), depth=2)
     assert next(stream) == 0
     stream.close()  # the worker must stop, not fill memory
-    import time
     time.sleep(0.5)
     n = len(produced)
     time.sleep(0.3)
