@@ -153,7 +153,7 @@ def test_precision_auto_is_fp32_and_half_runs_only_the_backbone(dataset):
     fe.set_precision("bf16")
     for f, ref in zip(fe(images), reference):  # bf16 keeps 8 bits of mantissa: ~1% relative error
         assert f.dtype == torch.float32 and ((f - ref).norm() / ref.norm()) < 0.03
-    det = vad.PaDiM(vad.PaDiMConfig(backbone="resnet18", d=20), image_size=SIZE, weights="none").set_precision("bf16")
+    det = vad.PaDiM(vad.PaDiMConfig(backbone="resnet18", d=20), input_size=SIZE, weights="none").set_precision("bf16")
     det.fit(vad.load_images(paths, SIZE))
     assert det.precision == "bf16" and det.mean.dtype == det.cholesky.dtype == torch.float32
 
@@ -347,7 +347,7 @@ def test_detector_scores_shapes_and_threshold_from_holdout(name, fitted, dataset
     assert det.info["held_out"] == 2 and det.info["images"] == 18
     fit_idx, held = vad.split_holdout(20, 0.1, 0)
     held_scores, _ = det.score(torch.stack([vad.read_image(vad.read_dataset(dataset).train[i], SIZE) for i in held]))
-    assert float(det.threshold) == pytest.approx(vad.calibrate(held_scores), rel=1e-6)
+    assert float(det.threshold) == pytest.approx(vad.threshold_from(held_scores), rel=1e-6)
 
 
 def test_scores_agree_across_threads_and_cpu_kernels(fitted, dataset):
@@ -390,7 +390,7 @@ def test_mahalanobis_matches_scipy():
 def test_padim_statistics_match_numpy(dataset):
     """Streaming fp64 sums over several batches give numpy's per-position mean and covariance."""
     paths = vad.read_dataset(dataset).train[:10]
-    det = vad.PaDiM(vad.PaDiMConfig(backbone="resnet18", d=12), image_size=32, weights="none")
+    det = vad.PaDiM(vad.PaDiMConfig(backbone="resnet18", d=12), input_size=32, weights="none")
     det.fit(vad.load_images(paths, 32, batch_size=3))
     x = det.embed(torch.stack([vad.read_image(p, 32) for p in paths])).double().numpy()  # (N, d, h, w)
     N, d, h, w = x.shape
@@ -453,7 +453,7 @@ def test_greedy_coreset_of_parts_is_the_coreset_of_their_concatenation():
     whole = vad.greedy_coreset(torch.cat(parts), 25, projection_dim=8, seed=3)
     assert torch.equal(vad.greedy_coreset(parts, 25, projection_dim=8, seed=3), whole)
     det = vad.PatchCore(vad.PatchCoreConfig(backbone="resnet18", coreset_ratio=0.1, projection_dim=8),
-                        image_size=SIZE, weights="none")
+                        input_size=SIZE, weights="none")
     assert torch.equal(det.coreset(parts, seed=3), torch.cat(parts)[vad.greedy_coreset(torch.cat(parts), 21, 8, 3)])
 
 
@@ -555,7 +555,7 @@ def test_patchcore_image_score_is_eq7(fitted, dataset):
 def test_patchcore_coreset_ratio_sets_bank_size(dataset):
     paths = vad.read_dataset(dataset).train[:4]
     cfg = vad.PatchCoreConfig(backbone="resnet18", coreset_ratio=0.25)
-    det = vad.PatchCore(cfg, image_size=SIZE, weights="none")
+    det = vad.PatchCore(cfg, input_size=SIZE, weights="none")
     det.fit(vad.load_images(paths, SIZE))
     assert len(det.memory_bank) == 4 * 8 * 8 // 4  # 4 images of an 8x8 layer-2 grid, 25%
 
@@ -564,7 +564,7 @@ def test_patchcore_bank_budget_gives_a_union_of_coresets(dataset, monkeypatch):
     """Over the byte budget the bank is thinned part by part: each part's coreset is
     exactly the greedy coreset of those patches (checked against greedy_coreset)."""
     paths = vad.read_dataset(dataset).train[:6]
-    det = vad.PatchCore(vad.PatchCoreConfig(backbone="resnet18", coreset_ratio=0.1), image_size=SIZE, weights="none")
+    det = vad.PatchCore(vad.PatchCoreConfig(backbone="resnet18", coreset_ratio=0.1), input_size=SIZE, weights="none")
     batches = list(vad.load_images(paths, SIZE, batch_size=1))
     patches = [det.embed(b).permute(0, 2, 3, 1).flatten(0, 2) for b in batches]
     monkeypatch.setattr(vad, "BANK_BYTES", patches[0].numel() * 4 * 2 - 1)  # thin after every 2 batches
@@ -657,7 +657,8 @@ def test_ssim_map_matches_scipy_reference():
 
 def test_settings_are_validated():
     assert vad.make_config("patchcore", ["coreset_ratio=0.05", "layers=2,3", "embed_dim=64"]).embed_dim == 64
-    assert vad.make_config("padim", ["d=none"]).d is None
+    assert vad.make_config("patchcore", ["embed_dim=none"]).embed_dim is None  # an optional int
+    assert vad.make_config("padim", ["d=20"]).d == 20 and vad.make_config("padim").d == 100
     assert vad.make_config("padim", ["layers=3,1"]).layers == (1, 3)
     with pytest.raises(vad.VadError, match="layers must be"):
         vad.make_config("padim", ["layers=4"])
@@ -788,17 +789,17 @@ def test_placement_hand_computed():
     assert vad.valid_box((100, 200), (64, 64), "crop") == (0, 0, 64, 64)
 
 
-def test_read_framed_pad_letterboxes_with_mean_colour_and_crop_cuts(tmp_path):
+def test_frame_image_pad_letterboxes_with_mean_colour_and_crop_cuts(tmp_path):
     image = np.zeros((100, 200, 3), np.uint8)
     image[:, :100] = 255  # left half white: crop must cut equal parts off both sides
     save_png(image, tmp_path / "wide.png")
-    x, source = vad.read_framed(tmp_path / "wide.png", vad.Framing((64, 64), "pad"))
+    x, source = vad.frame_image(tmp_path / "wide.png", vad.Framing((64, 64), "pad"))
     x = torch.from_numpy(x)
     assert source == (100, 200) and x.shape == (3, 64, 64)
     mean = torch.tensor(vad.IMAGENET_MEAN).view(3, 1, 1)
     assert torch.allclose(x[:, :16], mean.expand(3, 16, 64)) and torch.allclose(x[:, 48:], mean.expand(3, 16, 64))
     assert torch.allclose(x[:, 20:44, :30], torch.ones(3, 24, 30)) and torch.allclose(x[:, 20:44, 34:], torch.zeros(3, 24, 30))
-    x = torch.from_numpy(vad.read_framed(tmp_path / "wide.png", vad.Framing((64, 64), "crop"))[0])
+    x = torch.from_numpy(vad.frame_image(tmp_path / "wide.png", vad.Framing((64, 64), "crop"))[0])
     assert torch.allclose(x[:, :, :30], torch.ones(3, 64, 30)) and torch.allclose(x[:, :, 34:], torch.zeros(3, 64, 30))
     mask = vad.read_mask(tmp_path / "wide.png", vad.Framing((64, 64), "pad"))
     assert mask[16:48, :32].all() and not mask[:16].any() and not mask[16:48, 33:].any()
@@ -811,6 +812,25 @@ def test_tile_starts_cover_evenly_with_at_least_the_overlap():
         s = vad.tile_starts(length, tile, overlap)
         assert s[0] == 0 and s[-1] + tile == length  # the whole axis is covered
         assert max(np.diff(s)) <= tile * (1 - overlap) + 0.5
+
+
+def test_stitcher_blends_overlapping_tiles_by_their_window_weights():
+    T, w = 8, vad.blend_window(8).double()
+    s = vad.Stitcher((8, 12), T, 2)
+    s.add(torch.full((T, T), 1.0), (0, 0))
+    assert not s.complete
+    s.add(torch.full((T, T), 3.0), (0, 4))
+    assert s.complete
+    out = s.result()
+    assert out.shape == (8, 12)
+    for x in range(12):  # both tiles span every row alike, so each column is a 1-D weighted mean
+        a, b = (w[x] if x < 8 else 0.0), (w[x - 4] if x >= 4 else 0.0)
+        assert torch.allclose(out[:, x].double(), torch.full((8,), float((1 * a + 3 * b) / (a + b)), dtype=torch.float64))
+    assert out[0, 0] == 1 and out[0, 11] == 3 and 1 < out[0, 6] < 3
+    whole = torch.rand(5, 7)
+    untiled = vad.Stitcher((5, 7), None, 1)
+    untiled.add(whole, (0, 0))
+    assert untiled.complete and torch.equal(untiled.result(), whole)
 
 
 class PixelDetector(vad.Detector):
@@ -918,8 +938,8 @@ def test_split_holdout_is_seeded_and_disjoint():
 
 
 def test_calibrate_rule_hand_computed():
-    assert vad.calibrate([4.0, 1.0, 2.0]) == pytest.approx(4.2)  # max 4, plus 10% of max 4 - median 2
-    assert vad.calibrate([3.0]) == 3.0 and vad.calibrate([5.0, 5.0]) == 5.0  # no spread, no margin
+    assert vad.threshold_from([4.0, 1.0, 2.0]) == pytest.approx(4.2)  # max 4, plus 10% of max 4 - median 2
+    assert vad.threshold_from([3.0]) == 3.0 and vad.threshold_from([5.0, 5.0]) == 5.0  # no spread, no margin
 
 
 def pairwise_auroc(scores, labels):

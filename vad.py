@@ -40,8 +40,8 @@ Contents (in file order):
     EfficientAD, Autoencoder and SSIM
     Detector registry       DETECTORS, -s KEY=VALUE settings
     Model files             save, load (one .pt, weights_only)
-    Framing and image I/O   working frame, tiles, reading images, masks and data sets
-    API                     fit, score_files, evaluate, metrics
+    Framing and image I/O   working frame, tiles and their stitching, reading images, masks, data sets
+    API                     RunOptions, fit, score_files, evaluate, metrics
     Bench                   bench and the embedded synthetic set
     Heat maps, Serving      overlays; the upload-and-inspect page and JSON endpoint
     Plumbing                progress bars, stage timers, prefetching, peak memory, atomic writes
@@ -115,6 +115,8 @@ BLUR_SIGMA = 4.0  # PaDiM sec. 3 and PatchCore sec. 3.3 smooth the upsampled map
 CHUNK_BYTES = 256 * 2**20  # working memory for one block of a distance matrix
 BANK_BYTES = 2 * 2**30  # raw PatchCore patch features held before they are thinned (a WRN50 bottle bank is 1.2 GB)
 BATCH_SIZE = 16
+TILE_OVERLAP = 0.25  # fraction by which neighbouring tiles overlap
+HOLDOUT = 0.1  # fraction of the normal training images kept out to calibrate the threshold
 MAX_PIXELS = 100_000_000  # larger images are refused before decoding (decompression bombs)
 CACHE_DIR = Path(os.environ.get("VAD_CACHE", Path.home() / ".cache" / "vad"))
 
@@ -540,13 +542,12 @@ class Detector(nn.Module):
     calibration that every detector gets from held-out normal images."""
     name = None
     Config = None
-    needs_calibration = False  # calibrate() wants held-out batches
 
-    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE):
+    def __init__(self, config, input_size=DEFAULT_IMAGE_SIZE):
         super().__init__()
         self.config = config
-        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)  # (H, W) input
-        self.framing = Framing(self.image_size)  # how images become inputs; fit() and load() set it
+        self.input_size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)  # (H, W)
+        self.framing = Framing(self.input_size)  # how images become inputs; fit() and load() set it
         self.register_buffer("threshold", torch.tensor(float("nan")))  # on image scores
         self.register_buffer("pixel_threshold", torch.tensor(float("nan")))  # on map values
         self.register_buffer("map_low", torch.tensor(0.0))  # typical normal map value (colour scale)
@@ -560,9 +561,10 @@ class Detector(nn.Module):
         """Fit on an iterable of normal image batches (B, 3, H, W) in [0, 1]."""
         raise NotImplementedError
 
-    def calibrate(self, batches):
-        """Map statistics from held-out normal image batches, for detectors that fuse or
-        normalize maps; called after fit and before the threshold is set."""
+    def fit_normalization(self, batches):
+        """Map statistics from an iterable of held-out normal image batches, for detectors
+        that fuse or normalize maps; called after fit and before the threshold is set.
+        The others never iterate `batches`, so their held-out images are read once only."""
 
     def score(self, images):
         """images (B, 3, H, W) in [0, 1] -> (image_scores (B,), anomaly_maps (B, H, W))."""
@@ -606,23 +608,20 @@ def mahalanobis(x, mean, cholesky):
 class PaDiMConfig:
     backbone: str = "wide_resnet50_2"
     layers: tuple = (1, 2, 3)  # the paper concatenates layers 1-3 at layer 1's resolution
-    d: typing.Optional[int] = None  # random channels kept; None: per backbone, PADIM_DIMS
+    # Random channels kept. The fitted state is a d x d Cholesky factor per layer-1
+    # position (64 x 64 at 256 px): 4096 * d^2 * 4 bytes, 164 MB at d = 100. The paper's
+    # d = 550 for WRN50 would make a 5 GB model; its ResNet18 value, 100, costs little
+    # accuracy (README) and is used for every backbone.
+    d: int = 100
     eps: float = 0.01  # covariance regularizer eps*I, the PaDiM reference code's value
     blur_sigma: float = BLUR_SIGMA
 
     def __post_init__(self):
         self.layers = check_layers(self.layers)
-        if self.d is not None and self.d < 1:
+        if self.d < 1:
             raise ValueError("d must be a positive number of channels")
         if self.eps <= 0:
             raise ValueError("eps must be > 0 (it keeps the covariance invertible)")
-
-
-# d per backbone. The fitted state is a d x d Cholesky factor per layer-1 position
-# (64 x 64 at 256 px): 4096 * d^2 * 4 bytes, 164 MB at d = 100. The paper's d = 550 for
-# WRN50 would make a 5 GB model; d = 100 (the paper's ResNet18 value) keeps a
-# WRN50 bottle model under 300 MB and costs little accuracy (see README).
-PADIM_DIMS = {"wide_resnet50_2": 100, "resnet18": 100, "mobilenet_v2": 100}
 
 
 class PaDiM(Detector):
@@ -633,11 +632,9 @@ class PaDiM(Detector):
     name = "padim"
     Config = PaDiMConfig
 
-    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
-        super().__init__(config, image_size)
+    def __init__(self, config, input_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, input_size)
         self.backbone = FeatureExtractor(config.backbone, config.layers, weights)
-        if config.d is None:
-            config.d = PADIM_DIMS[config.backbone]
         if config.d > sum(self.backbone.channels):
             raise ValueError(f"d={config.d} exceeds the {sum(self.backbone.channels)} channels of {config.backbone}")
         self.register_buffer("channels", torch.empty(0, dtype=torch.long))  # (d,) chosen channels
@@ -696,7 +693,7 @@ class PaDiM(Detector):
         B, d, h, w = x.shape
         with timed("mahalanobis", self.device):
             dist = mahalanobis(x.reshape(B, d, h * w).permute(2, 1, 0), self.mean, self.cholesky)  # (P, B)
-        maps = upsample_and_blur(dist.T.reshape(B, h, w), self.image_size, self.config.blur_sigma)
+        maps = upsample_and_blur(dist.T.reshape(B, h, w), self.input_size, self.config.blur_sigma)
         return maps.amax((1, 2)), maps
 
 # -----------------------------------------------------------------------------
@@ -787,6 +784,13 @@ def _apply_picks(x, sq, mind, near, picks, done, upto, chunk=4096):
         mind[r[closer]], near[r[closer]] = d[closer], done + k[closer]
 
 
+def ranking_distances(queries, rows, rows_sq):
+    """|q - b|^2 - |q|^2 = |b|^2 - 2 q.b for every query (M, D) and row (K, D), given
+    rows_sq = |b|^2 (K,): one fused product (M, K). |q|^2 is the same along a row of the
+    result, so it ranks the rows for each query as the full distance does."""
+    return torch.addmm(rows_sq, queries, rows.T, alpha=-2)
+
+
 def nearest_neighbors(queries, bank, k=1):
     """k nearest rows of bank (K, D) for each of queries (M, D), by Euclidean distance.
 
@@ -801,9 +805,7 @@ def nearest_neighbors(queries, bank, k=1):
     dists, index = [], []
     for a in range(0, M, rows):
         q = queries[a: a + rows]
-        # |q|^2 is the same along a row, so it cannot change the ranking: left out, and
-        # the rest is one fused product (bank_sq - 2 q b^T), one pass over the block.
-        d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2)
+        d2 = ranking_distances(q, bank, bank_sq)
         i = d2.argmin(1, keepdim=True) if k == 1 else d2.topk(k, dim=1, largest=False).indices
         # The expansion cancels badly for near neighbours; recompute the k winners directly.
         dists.append((q[:, None] - bank[i]).norm(dim=2))
@@ -824,14 +826,14 @@ def voronoi_cells(bank, n, iters=10, seed=0):
     sample = bank[::max(1, K // (32 * n))]
     centres = sample[greedy_coreset(sample, n, seed=seed).to(bank.device)].clone()
     for _ in range(iters if n > 1 else 0):
-        cell = torch.addmm(torch.linalg.vector_norm(centres, dim=1).square(), sample, centres.T, alpha=-2).argmin(1)
+        cell = ranking_distances(sample, centres, torch.linalg.vector_norm(centres, dim=1).square()).argmin(1)
         counts = torch.bincount(cell, minlength=n)
         filled = counts > 0
         centres[filled] = torch.zeros_like(centres).index_add_(0, cell, sample)[filled] / counts[filled, None]
     rows = max(1, CHUNK_BYTES // (8 * max(n, bank.shape[1])))  # fp64 rows and their distances
     c64 = centres.double()
-    cell = torch.cat([(torch.linalg.vector_norm(c64, dim=1).square() - 2 * bank[a: a + rows].double() @ c64.T).argmin(1)
-                      for a in range(0, K, rows)])
+    c64_sq = torch.linalg.vector_norm(c64, dim=1).square()
+    cell = torch.cat([ranking_distances(bank[a: a + rows].double(), c64, c64_sq).argmin(1) for a in range(0, K, rows)])
     counts = torch.bincount(cell, minlength=n)
     filled = counts > 0  # a row's nearest centre stays its nearest when unused centres go
     cell, centres, counts = (filled.cumsum(0) - 1)[cell], centres[filled].contiguous(), counts[filled]
@@ -853,8 +855,8 @@ def _search_cells(queries, bank, bank_sq, starts, mask):
     for j, k in enumerate(torch.bincount(cells, minlength=len(starts) - 1).tolist()):
         if k:
             s, e = starts[j], starts[j + 1]
-            found[a: a + k], index[a: a + k] = torch.addmm(bank_sq[s:e], queries.index_select(0, rows[a: a + k]),
-                                                           bank[s:e].T, alpha=-2).min(1)
+            found[a: a + k], index[a: a + k] = ranking_distances(queries.index_select(0, rows[a: a + k]),
+                                                                 bank[s:e], bank_sq[s:e]).min(1)
             index[a: a + k] += s
             a += k
     best = bank.new_full((len(queries),), math.inf).scatter_reduce_(0, rows, found, "amin")
@@ -895,7 +897,7 @@ def cell_search(queries, bank, centres, starts, radii, probe=1):
     for a in range(0, M, rows):
         q = queries[a: a + rows]
         q_norm = torch.linalg.vector_norm(q, dim=1, keepdim=True)
-        to_centre = torch.addmm(c_norm.square(), q, centres.T, alpha=-2) + q_norm.square()  # |q - c|^2 (m, n)
+        to_centre = ranking_distances(q, centres, c_norm.square()) + q_norm.square()  # |q - c|^2 (m, n)
         visit = torch.zeros_like(to_centre, dtype=torch.bool)
         visit.scatter_(1, to_centre.topk(min(probe, len(centres)), dim=1, largest=False).indices, True)
         found, nearest = _search_cells(q, bank, bank_sq, starts, visit)
@@ -951,8 +953,8 @@ class PatchCore(Detector):
     name = "patchcore"
     Config = PatchCoreConfig
 
-    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
-        super().__init__(config, image_size)
+    def __init__(self, config, input_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, input_size)
         self.backbone = FeatureExtractor(config.backbone, config.layers, weights)
         self.register_buffer("memory_bank", torch.empty(0))  # (K, C), less bank_origin, grouped by cell
         self.register_buffer("bank_origin", torch.empty(0))  # (C,) the bank's mean
@@ -1037,7 +1039,7 @@ class PatchCore(Detector):
             dist, nearest = cell_search(patches, self.memory_bank, self.cell_centres, self.cell_starts,
                                         self.cell_radii, self.config.search_probe)
         dist, nearest = dist.reshape(B, h * w), nearest.reshape(B, h * w)
-        maps = upsample_and_blur(dist.reshape(B, h, w), self.image_size, self.config.blur_sigma)
+        maps = upsample_and_blur(dist.reshape(B, h, w), self.input_size, self.config.blur_sigma)
         # Eq. 7: the worst patch m_test* scores s* = |m_test* - m*|, times 1 - softmax weight
         # of m* among its b nearest bank neighbours N_b(m*): an isolated m* is trusted less.
         b = torch.arange(B, device=x.device)
@@ -1091,7 +1093,7 @@ def train_autocast(device, precision):
     return torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None)
 
 
-def train(parameters, epochs, lr_at, steps, precision="fp32"):
+def train_loop(parameters, epochs, lr_at, steps, precision="fp32"):
     """Adam over `epochs`, the rate set by lr_at(epoch) at each epoch's start.
     steps(epoch) yields (loss, batch size) for each batch: its forward pass; the
     backward pass and the update happen here. Shows the epoch, the mean loss and the time
@@ -1115,6 +1117,12 @@ def train(parameters, epochs, lr_at, steps, precision="fp32"):
         last[0] = total / count
 
 
+def check_image_score(config):
+    """image_score is max or topk (the mean of the top_k map values), top_k >= 1."""
+    if config.image_score not in ("max", "topk") or config.top_k < 1:
+        raise ValueError("image_score must be max or topk, and top_k >= 1")
+
+
 def top_k_mean(maps, k):
     """Mean of the k largest values of each map (B, H, W) -> (B,); k = 1 is the maximum."""
     return maps.flatten(1).topk(min(k, maps[0].numel()), dim=1).values.mean(1)
@@ -1125,18 +1133,20 @@ class FusedMapDetector(Detector):
     component_maps(), each standardized with statistics of held-out normal images so
     that components on different scales can be added."""
 
-    needs_calibration = True
-
-    def __init__(self, config, image_size, components):
-        super().__init__(config, image_size)
+    def __init__(self, config, input_size, components):
+        super().__init__(config, input_size)
         self.register_buffer("map_mean", torch.zeros(components))  # per component, held-out images
         self.register_buffer("map_std", torch.ones(components))
 
     @torch.no_grad()
-    def calibrate(self, batches):
+    def fit_normalization(self, batches):
         maps = torch.cat([self.component_maps(b.to(self.device)) for b in batches])  # (N, K, H, W)
         self.map_mean = maps.mean((0, 2, 3))
         self.map_std = maps.std((0, 2, 3)).clamp_min(1e-12)
+
+    def blurred(self, maps):
+        """Component maps, each (B, h, w) -> upsampled to the input size, blurred, stacked (B, K, H, W)."""
+        return torch.stack([upsample_and_blur(m, self.input_size, self.config.blur_sigma) for m in maps], 1)
 
     def standardized(self, maps):
         return (maps - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
@@ -1172,12 +1182,13 @@ class EfficientADConfig:
 
     def __post_init__(self):
         self.layers = check_layers(self.layers)
-        if self.epochs < 1 or self.batch_size < 1 or self.augment_pool < 1 or self.top_k < 1:
-            raise ValueError("epochs, batch_size, augment_pool and top_k must be >= 1")
+        check_image_score(self)
+        if self.epochs < 1 or self.batch_size < 1 or self.augment_pool < 1:
+            raise ValueError("epochs, batch_size and augment_pool must be >= 1")
         if not 0 <= self.hard_quantile < 1 or not 0 < self.lr_drop <= 1:
             raise ValueError("hard_quantile must be in [0, 1) and lr_drop in (0, 1]")
-        if self.fusion not in ("raw", "normalized") or self.image_score not in ("max", "topk"):
-            raise ValueError("fusion must be raw or normalized, image_score max or topk")
+        if self.fusion not in ("raw", "normalized"):
+            raise ValueError("fusion must be raw or normalized")
 
 
 class EfficientAD(FusedMapDetector):
@@ -1190,8 +1201,8 @@ class EfficientAD(FusedMapDetector):
     name = "efficientad"
     Config = EfficientADConfig
 
-    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
-        super().__init__(config, image_size, components=len(config.layers))
+    def __init__(self, config, input_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, input_size, components=len(config.layers))
         self.teacher = FeatureExtractor(config.backbone, config.layers, weights)
         student_weights = "empty" if weights == "empty" else config.student_weights
         try:
@@ -1268,7 +1279,7 @@ class EfficientAD(FusedMapDetector):
         drop = max(1, round(cfg.lr_drop * cfg.epochs))
         self.student.train()
         self.student.to(memory_format=torch.channels_last)  # oneDNN trains convolutions faster in this layout
-        train(list(self.student.parameters()) + list(self.adapters.parameters()), cfg.epochs,
+        train_loop(list(self.student.parameters()) + list(self.adapters.parameters()), cfg.epochs,
               lambda epoch: cfg.lr if epoch < drop else cfg.lr / 10, steps, self.precision)
         self.student.eval()
         self.student.to(memory_format=torch.contiguous_format)
@@ -1277,7 +1288,7 @@ class EfficientAD(FusedMapDetector):
     def component_maps(self, images):
         """Per-scale squared errors, channel-averaged, upsampled and blurred -> (B, L, H, W)."""
         maps = [(t - p).square().mean(1) for t, p in zip(self.targets(images), self.predictions(images))]
-        return torch.stack([upsample_and_blur(m, self.image_size, self.config.blur_sigma) for m in maps], 1)
+        return self.blurred(maps)
 
     @torch.no_grad()
     def score(self, images):
@@ -1335,12 +1346,11 @@ class AutoencoderConfig:
         self.widths = tuple(self.widths)
         if not self.widths or min(self.widths) < 1 or self.latent < 1:
             raise ValueError("widths and latent must be positive channel counts")
-        if self.epochs < 1 or self.batch_size < 1 or self.top_k < 1:
-            raise ValueError("epochs, batch_size and top_k must be >= 1")
+        check_image_score(self)
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
         if not 0 <= self.ssim_loss <= 1 or not 0 <= self.ssim_map <= 1:
             raise ValueError("ssim_loss and ssim_map must be in [0, 1]")
-        if self.image_score not in ("max", "topk"):
-            raise ValueError("image_score must be max or topk")
 
 
 class Autoencoder(FusedMapDetector):
@@ -1351,10 +1361,10 @@ class Autoencoder(FusedMapDetector):
     name = "autoencoder"
     Config = AutoencoderConfig
 
-    def __init__(self, config, image_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
-        super().__init__(config, image_size, components=2)  # squared error, 1 - SSIM
-        if any(v % 2 ** len(config.widths) for v in self.image_size):
-            raise ValueError(f"image size {image_size} must be a multiple of {2 ** len(config.widths)} "
+    def __init__(self, config, input_size=DEFAULT_IMAGE_SIZE, weights="imagenet"):
+        super().__init__(config, input_size, components=2)  # squared error, 1 - SSIM
+        if any(v % 2 ** len(config.widths) for v in self.input_size):
+            raise ValueError(f"input size {input_size} must be a multiple of {2 ** len(config.widths)} "
                              f"for {len(config.widths)} halvings")
 
         def block(conv, c_out):
@@ -1397,7 +1407,7 @@ class Autoencoder(FusedMapDetector):
 
         self.train()
         self.to(memory_format=torch.channels_last)  # oneDNN trains convolutions faster in this layout
-        train(self.parameters(), cfg.epochs, lambda epoch: cfg.lr, steps, self.precision)
+        train_loop(self.parameters(), cfg.epochs, lambda epoch: cfg.lr, steps, self.precision)
         self.eval()
         self.to(memory_format=torch.contiguous_format)
 
@@ -1406,7 +1416,7 @@ class Autoencoder(FusedMapDetector):
         """(B, 2, H, W): per-pixel squared error (channel mean) and 1 - SSIM, blurred."""
         y = self(images)
         maps = [(images - y).square().mean(1), 1 - ssim_map(images, y)]
-        return torch.stack([upsample_and_blur(m, self.image_size, self.config.blur_sigma) for m in maps], 1)
+        return self.blurred(maps)
 
     @torch.no_grad()
     def score(self, images):
@@ -1483,7 +1493,8 @@ def _torch_save(obj, path):
 
 
 def save(detector, path, info=None):
-    """Write the detector to one .pt file, atomically (temporary file, then rename)."""
+    """Write the detector to one .pt file, atomically (temporary file, then rename), with
+    `info` (default: what fit() recorded in detector.info) about how it was fitted."""
     state = {k: v.detach().cpu() for k, v in detector.state_dict().items()}
     checkpoint = {
         "format": FORMAT_NAME,
@@ -1491,12 +1502,12 @@ def save(detector, path, info=None):
         "vad_version": __version__,
         "detector": detector.name,
         "config": dataclasses.asdict(detector.config),
-        "image_size": list(detector.image_size),
+        "image_size": list(detector.input_size),  # the detector's input size (the file's name for it)
         "framing": dataclasses.asdict(detector.framing),
         "precision": detector.precision,  # the backbone's at fit (the threshold was calibrated with it)
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "threshold": float(detector.threshold),
-        "info": dict(info or {}),
+        "info": dict(getattr(detector, "info", {}) if info is None else info),
         "state_dict": state,
     }
     checkpoint["sha256"] = _digest(checkpoint)
@@ -1616,7 +1627,7 @@ class Framing:
     size: typing.Optional[tuple] = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
     resize: str = "fit"
     tile: typing.Optional[int] = None
-    overlap: float = 0.25
+    overlap: float = TILE_OVERLAP
 
     def __post_init__(self):
         self.size = None if self.size is None else tuple(int(v) for v in self.size)
@@ -1640,10 +1651,10 @@ def as_framing(framing):
     return framing if isinstance(framing, Framing) else Framing(parse_size(framing, minimum=1))
 
 
-def placement(source, frame, resize):
-    """Where an image of size source = (H0, W0) lands in a frame (H, W): it is resized to
-    (h, w) and its top-left corner put at (top, left), negative where crop cuts it."""
-    (H0, W0), (H, W) = source, frame
+def placement(source_size, frame, resize):
+    """Where an image of size (H0, W0) lands in a frame (H, W): it is resized to (h, w)
+    and its top-left corner put at (top, left), negative where crop cuts it."""
+    (H0, W0), (H, W) = source_size, frame
     if resize == "fit":
         return H, W, 0, 0
     s = (min if resize == "pad" else max)(H / H0, W / W0)
@@ -1651,9 +1662,9 @@ def placement(source, frame, resize):
     return h, w, (H - h) // 2, (W - w) // 2
 
 
-def valid_box(source, frame, resize):
+def valid_box(source_size, frame, resize):
     """(top, left, bottom, right) of the frame covered by the image (pad leaves borders)."""
-    h, w, top, left = placement(source, frame, resize)
+    h, w, top, left = placement(source_size, frame, resize)
     return max(top, 0), max(left, 0), min(top + h, frame[0]), min(left + w, frame[1])
 
 
@@ -1672,6 +1683,40 @@ def blend_window(tile):
     by one tile only keeps that tile's value)."""
     i = torch.arange(tile, dtype=torch.float32)
     return torch.minimum(i + 1, tile - i).clamp_max(tile / 4) / (tile / 4)
+
+
+class Stitcher:
+    """Puts one image's map back together from the maps of its tiles (untiled: its one
+    map), each tile's weighted by blend_window in both directions."""
+
+    def __init__(self, frame_size, tile, count):
+        self.frame_size, self.tile, self.left = tuple(frame_size), tile, count
+        if tile:
+            H, W = self.frame_size
+            canvas = (max(H, tile), max(W, tile))  # a side shorter than a tile was padded
+            self.window = blend_window(tile)[:, None] * blend_window(tile)[None]
+            self.sum, self.weight = torch.zeros(canvas), torch.zeros(canvas)
+
+    def add(self, anomaly_map, offset):
+        """A tile's map (T, T) at offset (top, left) of the frame."""
+        if self.tile:
+            (y, x), T = offset, self.tile
+            self.sum[y: y + T, x: x + T] += anomaly_map * self.window
+            self.weight[y: y + T, x: x + T] += self.window
+        else:
+            self.sum = anomaly_map
+        self.left -= 1
+
+    @property
+    def complete(self):
+        return self.left == 0
+
+    def result(self):
+        """The map over the frame (H, W)."""
+        if not self.tile:
+            return self.sum
+        H, W = self.frame_size
+        return self.sum[:H, :W] / self.weight[:H, :W]
 
 
 # Image reading runs in a background thread (prefetch), so it uses Pillow and numpy
@@ -1713,7 +1758,7 @@ def _paste(canvas, x, top, left):
     return canvas
 
 
-def read_framed(source, framing):
+def frame_image(source, framing):
     """Image file or bytes -> (frame (3, H, W) float32 array in [0, 1], the image's own
     size (H0, W0)).
 
@@ -1738,8 +1783,8 @@ def read_framed(source, framing):
 
 def read_image(path, size):
     """Image file (or its bytes) -> float tensor (3, H, W) in [0, 1], stretched to `size`
-    (N or (H, W)); see read_framed for modes and aspect-keeping framings."""
-    return torch.from_numpy(read_framed(path, as_framing(size))[0])
+    (N or (H, W)); see frame_image for modes and aspect-keeping framings."""
+    return torch.from_numpy(frame_image(path, as_framing(size))[0])
 
 
 def read_mask(path, framing):
@@ -1755,22 +1800,23 @@ def read_mask(path, framing):
     return torch.from_numpy(_paste(np.zeros(frame, dtype=bool), mask, top, left))
 
 
-def map_to_source(anomaly_map, source, framing):
+def map_to_source(anomaly_map, source_size, framing):
     """An anomaly map over the frame (H, W) -> the same map at the image's own size
-    (H0, W0), undoing the framing: NaN where crop cut the image away."""
+    source_size = (H0, W0), undoing the framing: NaN where crop cut the image away."""
     framing = as_framing(framing)
-    frame = framing.size or source
-    if tuple(source) == tuple(frame):  # every resize mode is the identity then
+    (H0, W0) = source_size = tuple(source_size)
+    frame = framing.size or source_size
+    if source_size == tuple(frame):  # every resize mode is the identity then
         return np.asarray(anomaly_map, dtype=np.float32)
     m = torch.as_tensor(anomaly_map, dtype=torch.float32)
-    h, w, top, left = placement(source, frame, framing.resize)
-    t, l, b, r = valid_box(source, frame, framing.resize)
+    h, w, top, left = placement(source_size, frame, framing.resize)
+    t, l, b, r = valid_box(source_size, frame, framing.resize)
     # The covered part of the frame corresponds to this part of the resized image ...
     part = m[t:b, l:r]
     # ... which, scaled by (H0 / h, W0 / w), is this part of the source image.
-    y0, y1 = round((t - top) * source[0] / h), round((b - top) * source[0] / h)
-    x0, x1 = round((l - left) * source[1] / w), round((r - left) * source[1] / w)
-    out = torch.full(tuple(source), float("nan"))
+    y0, y1 = round((t - top) * H0 / h), round((b - top) * H0 / h)
+    x0, x1 = round((l - left) * W0 / w), round((r - left) * W0 / w)
+    out = torch.full(source_size, float("nan"))
     out[y0:y1, x0:x1] = F.interpolate(part[None, None], size=(y1 - y0, x1 - x0), mode="bilinear",
                                       align_corners=False)[0, 0]
     return out.numpy()
@@ -1843,19 +1889,28 @@ def tiles_per_image(framing):
     return len(tile_starts(H, framing.tile, framing.overlap)) * len(tile_starts(W, framing.tile, framing.overlap))
 
 
-def read_frames(paths, framing):
-    """Yield (index, frame, source size, tiles, offsets, error) per path, in order (frame
-    and tiles as numpy arrays), read ahead in a background thread; an unreadable file
-    yields its error instead."""
+class Frame(typing.NamedTuple):
+    """One image read for a model: its frame, the model inputs cut from it, or why not."""
+    index: int  # its position among the sources
+    frame: np.ndarray = None  # (3, H, W) in [0, 1]
+    source_size: tuple = None  # the image's own (H0, W0)
+    tiles: np.ndarray = None  # (n, 3, T, T) model inputs; untiled, the frame itself (1, 3, H, W)
+    offsets: list = None  # (top, left) of each tile in the frame
+    error: str = None
+
+
+def read_frames(sources, framing):
+    """Yield a Frame per source (image path or bytes), in order, read ahead in a
+    background thread; an unreadable file yields its error instead."""
     def frames():
-        for i, path in enumerate(paths):
+        for i, source in enumerate(sources):
             try:
-                x, source = read_framed(path, framing)
+                x, source_size = frame_image(source, framing)
             except VadError as e:
-                yield i, None, None, None, None, str(e)
+                yield Frame(i, error=str(e))
                 continue
-            yield (i, x, source, *cut_tiles(x, framing), None)
-    if len(paths) == 1:
+            yield Frame(i, x, source_size, *cut_tiles(x, framing))
+    if len(sources) == 1:
         return frames()  # nothing to overlap with (one upload to serve)
     n = tiles_per_image(framing)
     ahead = max(2, math.ceil(BATCH_SIZE / n)) if n and framing.size else 2  # ~a batch, never many huge images
@@ -1869,10 +1924,10 @@ def load_images(paths, framing, batch_size=BATCH_SIZE, desc="images"):
     n = tiles_per_image(framing)
 
     def tiles():
-        for _, _, _, t, _, error in read_frames(paths, framing):
-            if error:
-                raise VadError(error)
-            yield from t
+        for f in read_frames(paths, framing):
+            if f.error:
+                raise VadError(f.error)
+            yield from f.tiles
 
     batch = []
     for tile in progress(tiles(), n and n * len(paths), desc):
@@ -1887,7 +1942,7 @@ def load_images(paths, framing, batch_size=BATCH_SIZE, desc="images"):
 # API: fit, score, evaluate; metrics (image AUROC, pixel AUROC, AUPRO, thresholded and oracle F1)
 
 
-def calibrate(scores):
+def threshold_from(scores):
     """The decision threshold from scores of held-out normal images: their maximum plus
     10% of their spread (max - median). Normal test images then rarely exceed it, and
     with only a few held-out images it is still above every one of them."""
@@ -1926,116 +1981,144 @@ def score_files(detector, sources, batch_size=BATCH_SIZE, desc="score"):
 
     Each image is framed as the model was fitted (detector.framing); a tiled image's
     tiles are scored at the model's input size, batch_size inputs at a time, and their
-    maps blended back with blend_window() weights. The image score is then the
-    detector's map_score() of the inspected pixels (for PatchCore, the maximum, without
-    eq. 7's reweighting, which is defined for one input). An unreadable file yields its
-    error and never stops the others. desc=None draws no progress bar."""
-    framing, threshold = detector.framing, float(detector.threshold)
-    T = framing.tile
-    window = blend_window(T)[:, None] * blend_window(T)[None] if T else None
-    pending, results, batch = {}, {}, []
+    maps stitched back (Stitcher). The image score is then the detector's map_score() of
+    the inspected pixels (for PatchCore, the maximum, without eq. 7's reweighting, which
+    is defined for one input). An unreadable file yields its error and never stops the
+    others. desc=None draws no progress bar."""
+    framing = detector.framing
+    images, ready, batch = {}, {}, []  # index -> (its own size, Stitcher) while scored; index -> Scored
 
-    def inputs():
-        for i, frame, source, tiles, offsets, error in read_frames(sources, framing):
-            if error:
-                results[i] = Scored(_label(sources[i]), error=error)
+    def inputs():  # (index, model input, offset) for every tile of every readable image
+        for f in read_frames(sources, framing):
+            if f.error:
+                ready[f.index] = Scored(_label(sources[f.index]), error=f.error)
                 continue
-            H, W = frame.shape[1:]
-            canvas = (max(H, T), max(W, T)) if T else (H, W)
-            pending[i] = {"source": source, "frame": (H, W), "left": len(tiles),
-                          "sum": torch.zeros(canvas), "weight": torch.zeros(canvas)}
-            for tile, offset in zip(tiles, offsets):
-                yield i, torch.from_numpy(tile), offset
-
-    def finish(i, p, single_score):
-        (H, W), source = p["frame"], p["source"]
-        anomaly_map = p["sum"][:H, :W] / p["weight"][:H, :W] if T else p["sum"]
-        t, l, b, r = valid_box(source, (H, W), framing.resize)
-        score = single_score
-        if T or (t, l, b, r) != (0, 0, H, W):
-            inside = anomaly_map[t:b, l:r]
-            score = detector.map_score(inside.reshape(-1))
-            anomaly_map = torch.full((H, W), float("nan"))
-            anomaly_map[t:b, l:r] = inside
-        results[i] = Scored(_label(sources[i]), score, threshold, anomaly_map.numpy(), source)
+            images[f.index] = f.source_size, Stitcher(f.frame.shape[1:], framing.tile, len(f.offsets))
+            for tile, offset in zip(f.tiles, f.offsets):
+                yield f.index, torch.from_numpy(tile), offset
 
     def run():
         with torch.no_grad():
             scores, maps = detector.score(torch.stack([tile for _, tile, _ in batch]).to(detector.device))
-        for (i, _, (y, x)), s, m in zip(batch, scores.tolist(), maps.float().cpu()):
-            p = pending[i]
-            if T:
-                p["sum"][y: y + T, x: x + T] += m * window
-                p["weight"][y: y + T, x: x + T] += window
-            else:
-                p["sum"] = m
-            p["left"] -= 1
-            if not p["left"]:
-                finish(i, pending.pop(i), s)
+        for (i, _, offset), single_score, m in zip(batch, scores.tolist(), maps.float().cpu()):
+            source_size, stitcher = images[i]
+            stitcher.add(m, offset)
+            if stitcher.complete:
+                del images[i]
+                ready[i] = _scored(detector, sources[i], source_size, stitcher, single_score)
         batch.clear()
 
-    n, done = tiles_per_image(framing), 0
-    for item in inputs() if desc is None else progress(inputs(), n and n * len(sources), desc):
-        batch.append(item)
-        if len(batch) == batch_size:
+    def steps():  # after each input, and once more after the last batch
+        n = tiles_per_image(framing)
+        for item in inputs() if desc is None else progress(inputs(), n and n * len(sources), desc):
+            batch.append(item)
+            if len(batch) == batch_size:
+                run()
+            yield
+        if batch:
             run()
-        while done in results:
-            yield results.pop(done)
+        yield
+
+    done = 0
+    for _ in steps():
+        while done in ready:
+            yield ready.pop(done)
             done += 1
-    if batch:
-        run()
-    while done in results:
-        yield results.pop(done)
-        done += 1
+
+
+def _scored(detector, source, source_size, stitcher, single_score):
+    """The Scored of an image whose map is complete: where the image does not cover the
+    frame (pad, crop) or it was tiled, the score is taken over the inspected pixels only
+    and the rest of the map is NaN."""
+    anomaly_map, (H, W) = stitcher.result(), stitcher.frame_size
+    t, l, b, r = valid_box(source_size, (H, W), detector.framing.resize)
+    score = single_score
+    if detector.framing.tile or (t, l, b, r) != (0, 0, H, W):
+        inside = anomaly_map[t:b, l:r]
+        score = detector.map_score(inside.reshape(-1))
+        anomaly_map = torch.full((H, W), float("nan"))
+        anomaly_map[t:b, l:r] = inside
+    return Scored(_label(source), score, float(detector.threshold), anomaly_map.numpy(), source_size)
+
+
+def every_image(results):
+    """The list of Scored results, or the first unreadable image's error as a VadError:
+    fitting and evaluating need every image."""
+    results = list(results)
+    for r in results:
+        if r.error:
+            raise VadError(r.error)
+    return results
 
 
 def _label(source):
     return "(uploaded bytes)" if isinstance(source, (bytes, bytearray)) else source
 
 
-def fit(data, model="patchcore", *, backbone="wide_resnet50_2", weights="imagenet",
-        image_size=DEFAULT_IMAGE_SIZE, resize="fit", tile=None, tile_overlap=0.25, precision="fp32",
-        device="auto", seed=0, holdout=0.1, settings=None, batch_size=BATCH_SIZE, epochs=None):
+@dataclass(frozen=True)
+class RunOptions:
+    """How a detector is fitted: every default written once, here. The CLI builds one
+    from its options (fit, bench); the API takes one, or keyword overrides of it."""
+    backbone: str = "wide_resnet50_2"  # the feature extractor (PaDiM, PatchCore) or teacher (EfficientAD)
+    weights: typing.Any = "imagenet"  # imagenet, none (random init) or a state-dict path
+    image_size: typing.Any = DEFAULT_IMAGE_SIZE  # the working frame: N, "HxW", (H, W) or "native"
+    resize: str = "fit"  # fit, pad or crop (Framing)
+    tile: typing.Optional[int] = None  # tile side in px; None: the frame is the input
+    tile_overlap: float = TILE_OVERLAP
+    precision: str = "fp32"  # of the backbone and of training (pick_precision)
+    device: str = "auto"
+    seed: int = 0
+    holdout: float = HOLDOUT
+    batch_size: int = BATCH_SIZE
+    epochs: typing.Optional[int] = None  # of the detectors that train; None: their config's own
+    settings: tuple = ()  # detector settings, "KEY=VALUE" strings (make_config)
+
+    def __post_init__(self):
+        object.__setattr__(self, "settings", tuple(self.settings or ()))
+
+    @property
+    def framing(self):
+        return Framing(parse_size(self.image_size), self.resize, self.tile, self.tile_overlap)
+
+
+def fit(data, model="patchcore", options=None, **overrides):
     """Fit `model` on the normal images of `data` (an MVTec category folder, a folder of
     images, or a list of image paths) and calibrate its threshold on a held-out part.
-    image_size (N, "HxW", (H, W) or "native"), resize and tile set the framing (see
-    Framing); `epochs` sets the training length of the detectors that train."""
-    framing = Framing(parse_size(image_size), resize, tile, tile_overlap)
-    config = make_config(model, settings, backbone=backbone, epochs=epochs)
+    options: RunOptions (default: its defaults), with any of its fields overridden by
+    keyword, e.g. fit(data, "padim", backbone="resnet18", image_size=224)."""
+    o = dataclasses.replace(options or RunOptions(), **overrides)
+    framing, batch_size = o.framing, o.batch_size
+    config = make_config(model, o.settings, backbone=o.backbone, epochs=o.epochs)
     paths = list(data) if isinstance(data, (list, tuple)) else read_dataset(data).train
-    if not 0 <= holdout < 1:
-        raise VadError(f"--holdout {holdout}: must be in [0, 1)")
-    fit_idx, held_idx = split_holdout(len(paths), holdout, seed)
+    if not 0 <= o.holdout < 1:
+        raise VadError(f"--holdout {o.holdout}: must be in [0, 1)")
+    fit_idx, held_idx = split_holdout(len(paths), o.holdout, o.seed)
     if not held_idx:
-        warn(f"no held-out images ({len(paths)} image(s), --holdout {holdout}): the threshold is calibrated "
+        warn(f"no held-out images ({len(paths)} image(s), --holdout {o.holdout}): the threshold is calibrated "
              f"on the training images themselves and will be too low")
         held_idx = fit_idx
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # random-init backbones (--weights none) depend on it
+        torch.manual_seed(o.seed)  # random-init backbones (--weights none) depend on it
         try:
-            detector = DETECTORS[model](config, framing.input_size, weights).to(pick_device(device))
+            detector = DETECTORS[model](config, framing.input_size, o.weights).to(pick_device(o.device))
         except ValueError as e:
             raise VadError(f"{model} settings: {e}") from None
     detector.framing = framing
-    detector.set_precision(pick_precision(precision, detector.device))
-    source = f"{config.backbone}, weights {weights}" if hasattr(config, "backbone") else "no pretrained backbone"
+    detector.set_precision(pick_precision(o.precision, detector.device))
+    features = f"{config.backbone}, weights {o.weights}" if hasattr(config, "backbone") else "no pretrained backbone"
     size = "x".join(map(str, framing.size)) + " px" if framing.size else "native size"
-    tiles = f", tiles of {tile} px" if tile else ""
+    tiles = f", tiles of {o.tile} px" if o.tile else ""
     note(f"fit {model} on {len(fit_idx)} images, {len(held_idx)} held out for the threshold "
-         f"({source}, {size} {resize}{tiles}, {detector.precision}, {detector.device})")
-    detector.fit(load_images([paths[i] for i in fit_idx], framing, batch_size, "features"), seed)
+         f"({features}, {size} {o.resize}{tiles}, {detector.precision}, {detector.device})")
+    detector.fit(load_images([paths[i] for i in fit_idx], framing, batch_size, "features"), o.seed)
     held = [paths[i] for i in held_idx]
-    if detector.needs_calibration:
-        detector.calibrate(list(load_images(held, framing, batch_size, "held-out maps")))
-    scored = list(score_files(detector, held, batch_size, "held-out"))
-    for r in scored:
-        if r.error:
-            raise VadError(r.error)
-    detector.threshold.fill_(calibrate([r.score for r in scored]))
-    detector.pixel_threshold.fill_(calibrate([np.nanmax(r.anomaly_map) for r in scored]))
+    detector.fit_normalization(load_images(held, framing, batch_size, "held-out maps"))
+    scored = every_image(score_files(detector, held, batch_size, "held-out"))
+    detector.threshold.fill_(threshold_from([r.score for r in scored]))
+    detector.pixel_threshold.fill_(threshold_from([np.nanmax(r.anomaly_map) for r in scored]))
     detector.map_low.fill_(float(np.nanmedian(np.concatenate([r.anomaly_map.ravel() for r in scored]))))
     detector.info = {"data": str(data) if not isinstance(data, (list, tuple)) else f"{len(paths)} images",
-                     "weights": str(weights), "seed": seed, "images": len(fit_idx), "held_out": len(held_idx)}
+                     "weights": str(o.weights), "seed": o.seed, "images": len(fit_idx), "held_out": len(held_idx)}
     return detector
 
 
@@ -2133,11 +2216,8 @@ def evaluate(detector, dataset, batch_size=BATCH_SIZE):
     if not dataset.test:
         raise VadError(f"{dataset.root} has no test/ images to evaluate on (MVTec AD layout expected)")
     start = time.perf_counter()
-    scored = list(score_files(detector, dataset.test, batch_size, "score"))
+    scored = every_image(score_files(detector, dataset.test, batch_size, "score"))
     seconds = time.perf_counter() - start
-    for r in scored:
-        if r.error:
-            raise VadError(r.error)
     scores, labels = np.array([r.score for r in scored]), np.array(dataset.labels)
     known = [i for i, (y, m) in enumerate(zip(labels, dataset.masks)) if y == 0 or m is not None]
     maps = _stack_padded([scored[i].anomaly_map for i in known], np.float32("nan"))
@@ -2221,20 +2301,20 @@ def make_synthetic(root, kind="surface", size=256, n_train=24, n_good=8, n_defec
     rng = np.random.default_rng([seed, 0 if kind == "surface" else 1])
     s = size / 256
 
-    def save(image, path):
+    def write_png(image, path):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
 
     for i in range(n_train):
-        save(_synthetic_image(kind, rng, size)[0], root / "train" / "good" / f"{i:03d}.png")
+        write_png(_synthetic_image(kind, rng, size)[0], root / "train" / "good" / f"{i:03d}.png")
     for i in range(n_good):
-        save(_synthetic_image(kind, rng, size)[0], root / "test" / "good" / f"{i:03d}.png")
+        write_png(_synthetic_image(kind, rng, size)[0], root / "test" / "good" / f"{i:03d}.png")
     for defect in ("scratch", "spot", "crack"):
         for i in range(n_defect):
             image, center, radii = _synthetic_image(kind, rng, size)
             mask = _draw_defect(defect, image, rng, center, radii, s)
-            save(image, root / "test" / defect / f"{i:03d}.png")
-            save(mask * 255.0, root / "ground_truth" / defect / f"{i:03d}_mask.png")
+            write_png(image, root / "test" / defect / f"{i:03d}.png")
+            write_png(mask * 255.0, root / "ground_truth" / defect / f"{i:03d}_mask.png")
     return root
 
 
@@ -2299,14 +2379,14 @@ def _share(stages, seconds, *parts):
     return 100 * max(0.0, seconds - sum(stages.get(p, 0.0) for p in parts)) / seconds
 
 
-def bench(data_dirs=None, models=("padim", "patchcore"), *, backbone="wide_resnet50_2", weights="imagenet",
-          image_size=DEFAULT_IMAGE_SIZE, resize="fit", tile=None, tile_overlap=0.25, precision="fp32",
-          device="auto", seed=0, holdout=0.1, settings=None, batch_size=BATCH_SIZE, epochs=None):
-    """Fit every model on every category's train/good and evaluate it on test/.
+def bench(data_dirs=None, models=("padim", "patchcore"), options=None, **overrides):
+    """Fit every model on every category's train/good and evaluate it on test/, with
+    RunOptions as fit() takes them (settings may target one model: model_settings).
     Returns a list of result dicts: metrics, fit seconds, score ms/image, peak memory,
     and where the time went (seconds per stage; detector work = all but building the
     backbone, feature extraction and waiting for images)."""
-    check_settings(models, settings)
+    o = dataclasses.replace(options or RunOptions(), **overrides)
+    check_settings(models, o.settings)
     where = machine()
     cores = where["cores"] or 1
     where["load_before"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -2321,19 +2401,16 @@ def bench(data_dirs=None, models=("padim", "patchcore"), *, backbone="wide_resne
             with PeakMemory() as memory:
                 STAGE_SECONDS.clear()
                 start = time.perf_counter()
-                detector = fit(dataset.train, model, backbone=backbone, weights=weights, image_size=image_size,
-                               resize=resize, tile=tile, tile_overlap=tile_overlap, precision=precision,
-                               device=device, seed=seed, holdout=holdout, settings=model_settings(model, settings),
-                               batch_size=batch_size, epochs=epochs)
+                detector = fit(dataset.train, model, o, settings=model_settings(model, o.settings))
                 fit_seconds = time.perf_counter() - start
                 fit_stages = dict(STAGE_SECONDS)
                 STAGE_SECONDS.clear()
-                metrics = evaluate(detector, dataset, batch_size)
+                metrics = evaluate(detector, dataset, o.batch_size)
                 score_stages = dict(STAGE_SECONDS)
             score_seconds = metrics["score_ms_per_image"] * len(dataset.test) / 1000
             results.append({"category": dataset.name, "model": model,
-                            "backbone": getattr(detector.config, "backbone", "-"), "weights": str(weights),
-                            "image_size": image_size, "resize": resize, "tile": tile, "dtype": detector.precision,
+                            "backbone": getattr(detector.config, "backbone", "-"), "weights": str(o.weights),
+                            "image_size": o.image_size, "resize": o.resize, "tile": o.tile, "dtype": detector.precision,
                             "train_images": len(dataset.train), "test_images": len(dataset.test), **metrics,
                             "fit_seconds": fit_seconds, "fit_stages": fit_stages,
                             "fit_detector_pct": _share(fit_stages, fit_seconds, "backbone", "features", "load"),
@@ -2404,6 +2481,15 @@ def overlay(image, anomaly_map, low, pixel_threshold):
     edge = region & ~scipy.ndimage.binary_erosion(region, iterations=2)
     out[edge] = 255
     return out.astype(np.uint8)
+
+
+def heatmap_png(detector, source, anomaly_map):
+    """The PNG file bytes of an image (path or bytes) with its map at its own size
+    (map_to_source) overlaid, on the colour scale of the detector's normal maps."""
+    rgb = overlay(read_source(source), anomaly_map, float(detector.map_low), float(detector.pixel_threshold))
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 # -----------------------------------------------------------------------------
 # Serving: the report's upload-and-inspect page (ch. 6) and a JSON endpoint, standard library only
@@ -2488,12 +2574,6 @@ def describe(name, detector):
             "threshold": float(detector.threshold)}
 
 
-def png_data_url(rgb):
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _multipart_file(body, content_type):
     """The first file (or field named image/file) of a multipart/form-data body, or None."""
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
@@ -2512,8 +2592,9 @@ class InspectionServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # socketserver's 5 overflows under a burst of uploads while the cores are busy
 
-    def __init__(self, models, address=("127.0.0.1", 8000), max_bytes=MAX_UPLOAD_BYTES, quiet=False):
-        self.models, self.max_bytes, self.quiet = dict(models), max_bytes, quiet
+    def __init__(self, models, address=("127.0.0.1", 8000), max_bytes=MAX_UPLOAD_BYTES, quiet=False,
+                 batch_size=BATCH_SIZE):
+        self.models, self.max_bytes, self.quiet, self.batch_size = dict(models), max_bytes, quiet, batch_size
         self.lock = threading.Lock()
         super().__init__(address, InspectionHandler)
 
@@ -2521,14 +2602,13 @@ class InspectionServer(http.server.ThreadingHTTPServer):
         """Score image bytes with model `name` -> the JSON-ready result."""
         detector = self.models[name]
         with self.lock:
-            r = next(score_files(detector, [data], desc=None))
+            r = next(score_files(detector, [data], self.batch_size, desc=None))
         if r.error:
             raise VadError(r.error)
         result = {"model": name, "score": r.score, "threshold": r.threshold, "verdict": r.verdict}
         if with_overlay:
-            rgb = overlay(read_source(data), map_to_source(r.anomaly_map, r.source_size, detector.framing),
-                          float(detector.map_low), float(detector.pixel_threshold))
-            result["overlay"] = png_data_url(rgb)
+            png = heatmap_png(detector, data, map_to_source(r.anomaly_map, r.source_size, detector.framing))
+            result["overlay"] = "data:image/png;base64," + base64.b64encode(png).decode()
         return result
 
 
@@ -2763,40 +2843,61 @@ def run_api(fn, *args, **kwargs):
         raise CliError(str(e)) from None
 
 
-def common_options(f):
-    """Options shared by fit and bench."""
-    options = [
-        click.option("--backbone", type=click.Choice(list(BACKBONES)), default="wide_resnet50_2", show_default=True,
-                     help="Backbone, in torchvision's layout (truncated after the deepest layer used)."),
-        click.option("--weights", default="imagenet", show_default=True,
-                     help="imagenet (torchvision's, downloaded once), none (random init), or a state-dict PATH."),
-        click.option("--image-size", default=str(DEFAULT_IMAGE_SIZE), show_default=True, metavar="N|HxW|native",
-                     help="Working size every image is brought to: N (square), HxW (height x width), or native "
-                          "(each image's own size; needs --tile)."),
-        click.option("--resize", type=click.Choice(RESIZES), default="fit", show_default=True,
-                     help="fit: stretch to the size; pad: keep the aspect ratio and letterbox (the borders are "
-                          "never scored); crop: keep the aspect ratio and cut the overhang."),
-        click.option("--tile", type=click.IntRange(32), help="Cut the working image into TILE x TILE squares, "
-                     "each scored at full resolution, maps blended back [default: no tiling]."),
-        click.option("--tile-overlap", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True,
-                     help="Fraction by which neighbouring tiles overlap."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-                     help="Number format of the backbone and of training; statistics and distances stay "
-                          "fp32/fp64; auto is fp32 (README: Precision, CPUs and threads)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seeds every random choice."),
-        click.option("--holdout", type=float, default=0.1, show_default=True,
-                     help="Fraction of normal training images kept out to calibrate the threshold."),
-        click.option("--batch-size", type=click.IntRange(1), default=BATCH_SIZE, show_default=True),
-        click.option("--epochs", type=click.IntRange(1), help="Training epochs of the detectors that train "
-                     "(efficientad, autoencoder) [default: their own]."),
-        click.option("-s", "--set", "settings", multiple=True, metavar="KEY=VALUE",
-                     help="Detector setting, repeatable (e.g. -s coreset_ratio=0.01); see the README."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes on stderr."),
-    ]
+def _decorate(f, options):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def fit_options(f):
+    """The options of fit and bench that say how a detector is fitted; with run_options,
+    they are the fields of RunOptions, whose defaults they show."""
+    d = RunOptions()
+    return _decorate(f, [
+        click.option("--backbone", type=click.Choice(list(BACKBONES)), default=d.backbone, show_default=True,
+                     help="Backbone, in torchvision's layout (truncated after the deepest layer used)."),
+        click.option("--weights", default=d.weights, show_default=True,
+                     help="imagenet (torchvision's, downloaded once), none (random init), or a state-dict PATH."),
+        click.option("--image-size", default=str(d.image_size), show_default=True, metavar="N|HxW|native",
+                     help="Working size every image is brought to: N (square), HxW (height x width), or native "
+                          "(each image's own size; needs --tile)."),
+        click.option("--resize", type=click.Choice(RESIZES), default=d.resize, show_default=True,
+                     help="fit: stretch to the size; pad: keep the aspect ratio and letterbox (the borders are "
+                          "never scored); crop: keep the aspect ratio and cut the overhang."),
+        click.option("--tile", type=click.IntRange(32), default=d.tile, help="Cut the working image into TILE x "
+                     "TILE squares, each scored at full resolution, maps blended back [default: no tiling]."),
+        click.option("--tile-overlap", type=click.FloatRange(0, 1, max_open=True), default=d.tile_overlap,
+                     show_default=True, help="Fraction by which neighbouring tiles overlap."),
+        click.option("--seed", type=int, default=d.seed, show_default=True, help="Seeds every random choice."),
+        click.option("--holdout", type=float, default=d.holdout, show_default=True,
+                     help="Fraction of normal training images kept out to calibrate the threshold."),
+        click.option("--epochs", type=click.IntRange(1), default=d.epochs, help="Training epochs of the detectors "
+                     "that train (efficientad, autoencoder) [default: their own]."),
+        click.option("-s", "--set", "settings", multiple=True, metavar="KEY=VALUE",
+                     help="Detector setting, repeatable (e.g. -s coreset_ratio=0.01); see the README."),
+    ])
+
+
+def run_options(fitting):
+    """The options every command shares: --precision (for a fitted model, by default the
+    one it was fitted with), --device, --batch-size and --quiet."""
+    d = RunOptions()
+    if fitting:
+        precision = click.option("--precision", type=click.Choice(PRECISIONS), default=d.precision, show_default=True,
+                                 help="Number format of the backbone and of training; statistics and distances stay "
+                                      "fp32/fp64; auto is fp32 (README: Precision, CPUs and threads).")
+    else:
+        precision = click.option("--precision", type=click.Choice(("model",) + PRECISIONS), default="model",
+                                 show_default=True, help="Number format of the backbone; model: the one it was "
+                                 "fitted and calibrated with; auto is fp32.")
+    return lambda f: _decorate(f, [
+        precision,
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=d.device, show_default=True),
+        click.option("--batch-size", type=click.IntRange(1), default=d.batch_size, show_default=True,
+                     help="Model inputs (images, or tiles) per forward pass."),
+        click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but warnings and errors (no progress "
+                     "bars, notes or request log)."),
+    ])
 
 
 def _verbosity(quiet):
@@ -2821,9 +2922,9 @@ def cli():
 @click.option("--data", type=click.Path(path_type=Path), help="MVTec AD category folder or folder of normal images "
               "[default: the embedded synthetic 'surface' set].")
 @click.option("--out", type=click.Path(path_type=Path), help="Model file [default: <category>-<model>.pt].")
-@common_options
-def fit_command(model, data, out, backbone, weights, image_size, resize, tile, tile_overlap, precision, device, seed,
-                holdout, batch_size, epochs, settings, quiet):
+@fit_options
+@run_options(fitting=True)
+def fit_command(model, data, out, quiet, **options):
     """Fit a detector on normal images and write one .pt model file.
 
     \b
@@ -2836,9 +2937,7 @@ def fit_command(model, data, out, backbone, weights, image_size, resize, tile, t
         note(f"no --data: using the embedded synthetic set {data} (a smoke test, not a benchmark)")
     out = out or Path(f"{Path(data).resolve().name}-{model}.pt")
     start = time.perf_counter()
-    detector = run_api(fit, data, model, backbone=backbone, weights=weights, image_size=image_size, resize=resize,
-                       tile=tile, tile_overlap=tile_overlap, precision=precision, device=device, seed=seed,
-                       holdout=holdout, settings=settings, batch_size=batch_size, epochs=epochs)
+    detector = run_api(fit, data, model, RunOptions(**options))
     run_api(save, detector, out, detector.info)
     note(f"fitted in {time.perf_counter() - start:.1f}s, threshold {float(detector.threshold):.4g}")
     click.echo(str(out))
@@ -2875,13 +2974,8 @@ def _output_name(path, parent, folder, suffix):
 @click.option("--maps", type=click.Path(path_type=Path), help="Write each raw anomaly map (float32 .npy, the "
               "image's own size, NaN where not inspected) here.")
 @click.option("--fail-on-anomaly", is_flag=True, help="Exit 1 when any image is judged anomalous.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(("model",) + PRECISIONS), default="model", show_default=True,
-              help="Number format of the backbone; model: the one it was fitted and calibrated with; "
-                   "auto is fp32.")
-@click.option("--batch-size", type=click.IntRange(1), default=BATCH_SIZE, show_default=True)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes on stderr.")
-def score_command(model_file, inputs, as_json, heatmaps, maps, fail_on_anomaly, device, precision, batch_size, quiet):
+@run_options(fitting=False)
+def score_command(model_file, inputs, as_json, heatmaps, maps, fail_on_anomaly, precision, device, batch_size, quiet):
     """Score images with a fitted model: one line per image on stdout,
     "PATH<TAB>SCORE<TAB>ok|anomalous", in input order.
 
@@ -2918,8 +3012,7 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, fail_on_anomaly, 
                 anomaly_map = map_to_source(r.anomaly_map, r.source_size, detector.framing)
             if heatmaps:
                 record["heatmap"] = str(_output_name(r.path, parent, heatmaps, ".png"))
-                Image.fromarray(overlay(read_source(r.path), anomaly_map, float(detector.map_low),
-                                        float(detector.pixel_threshold))).save(record["heatmap"])
+                Path(record["heatmap"]).write_bytes(heatmap_png(detector, r.path, anomaly_map))
             if maps:
                 record["map"] = str(_output_name(r.path, parent, maps, ".npy"))
                 np.save(record["map"], anomaly_map)
@@ -2940,9 +3033,9 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, fail_on_anomaly, 
               help="MVTec AD category folder, repeatable [default: the embedded synthetic set].")
 @click.argument("more_data", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--json", "json_file", type=click.Path(path_type=Path), help="Also write the results as JSON here.")
-@common_options
-def bench_command(models, data, more_data, json_file, backbone, weights, image_size, resize, tile, tile_overlap,
-                  precision, device, seed, holdout, batch_size, epochs, settings, quiet):
+@fit_options
+@run_options(fitting=True)
+def bench_command(models, data, more_data, json_file, quiet, **options):
     """Fit on train/good and evaluate on test/ of each category: prints a markdown table
     with image and pixel AUROC, AUPRO, precision/recall/F1/accuracy at the calibrated
     threshold, F1-max (an oracle: it peeks at test labels), fit time, score time and
@@ -2953,29 +3046,27 @@ def bench_command(models, data, more_data, json_file, backbone, weights, image_s
       python vad.py bench --model padim --data mvtec/bottle mvtec/cable --backbone resnet18
     """
     _verbosity(quiet)
+    o = RunOptions(**options)
     dirs = list(data) + list(more_data)
-    if not dirs and weights == "imagenet":
+    if not dirs and o.weights == "imagenet":
         try:
-            load_backbone_weights(backbone, "imagenet")
+            load_backbone_weights(o.backbone, "imagenet")
         except VadError as e:
             warn(str(e))
             warn("=" * 72)
             warn("RANDOM WEIGHTS: ImageNet weights are unavailable, so this smoke test runs with a")
             warn("randomly initialised backbone (--weights none). Accuracy is NOT representative.")
             warn("=" * 72)
-            weights = "none"
+            o = dataclasses.replace(o, weights="none")
     if not dirs:
         note("no --data: benchmarking the embedded synthetic set (a smoke test, not a benchmark)")
-    results = run_api(bench, dirs or None, models or ("padim", "patchcore"), backbone=backbone, weights=weights,
-                      image_size=image_size, resize=resize, tile=tile, tile_overlap=tile_overlap,
-                      precision=precision, device=device, seed=seed, holdout=holdout, settings=settings,
-                      batch_size=batch_size, epochs=epochs)
-    label = {"none": "random init (NOT pretrained)", "imagenet": "torchvision ImageNet"}.get(weights, weights)
+    results = run_api(bench, dirs or None, models or ("padim", "patchcore"), o)
+    label = {"none": "random init (NOT pretrained)", "imagenet": "torchvision ImageNet"}.get(o.weights, o.weights)
     source = ", ".join(map(str, dirs)) if dirs else "the embedded synthetic set (a smoke test, not a benchmark)"
-    framing = f"image size {image_size} {resize}" + (f", tiles {tile} overlap {tile_overlap}" if tile else "")
-    dtype = results[0]["dtype"] if results else precision
+    framing = f"image size {o.image_size} {o.resize}" + (f", tiles {o.tile} overlap {o.tile_overlap}" if o.tile else "")
+    dtype = results[0]["dtype"] if results else o.precision
     where = results[0]["machine"] if results else machine()
-    click.echo(f"data: {source}\nweights: {label}; {framing}; {dtype}; seed {seed}; vad {__version__}\n"
+    click.echo(f"data: {source}\nweights: {label}; {framing}; {dtype}; seed {o.seed}; vad {__version__}\n"
                f"machine: {where['cpu']} ({where['isa']}), {where['threads']} threads of {where['cores']} cores, "
                f"torch {where['torch']}\n")
     click.echo(bench_table(results))
@@ -2989,12 +3080,8 @@ def bench_command(models, data, more_data, json_file, backbone, weights, image_s
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-bytes", type=click.IntRange(1), default=MAX_UPLOAD_BYTES, show_default=True,
               help="Largest request body accepted; larger ones get 413.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(("model",) + PRECISIONS), default="model", show_default=True,
-              help="Number format of the backbone; model: the one it was fitted and calibrated with; "
-                   "auto is fp32.")
-@click.option("--quiet", "-q", is_flag=True, help="No request log on stderr.")
-def serve_command(model_files, host, port, max_bytes, device, precision, quiet):
+@run_options(fitting=False)
+def serve_command(model_files, host, port, max_bytes, precision, device, batch_size, quiet):
     """Serve an upload-and-inspect page and a JSON endpoint for fitted models.
 
     \b
@@ -3016,7 +3103,7 @@ def serve_command(model_files, host, port, max_bytes, device, precision, quiet):
             raise CliError(f"two models named {path.stem!r}: rename one file")
         models[path.stem] = run_api(load, path, device, precision)
     try:
-        server = InspectionServer(models, (host, port), max_bytes, quiet)
+        server = InspectionServer(models, (host, port), max_bytes, quiet, batch_size)
     except OSError as e:
         raise CliError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     click.echo(f"serving {', '.join(models)} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)", err=True)
