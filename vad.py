@@ -32,7 +32,8 @@ Contents (in file order):
     Errors, messages, device and precision   one-line errors, stderr notes, the precision policy
     Backbones               ResNet-18, Wide-ResNet-50-2, MobileNetV2 in torchvision's layout
     Anomaly maps            bilinear upsampling and Gaussian blur as matrix products
-    Detector                the frame every detector shares (config, buffers, calibration)
+    Framing                 working size, resize mode and tiles: how an image becomes an input
+    Detector                what every detector shares (config, buffers, fitted state)
     PaDiM                   Mahalanobis distances, a Gaussian per position
     PatchCore's memory bank greedy coreset, Voronoi cells, exact nearest-neighbour search
     PatchCore               patch features, eq. 7
@@ -40,8 +41,8 @@ Contents (in file order):
     EfficientAD, Autoencoder and SSIM
     Detector registry       DETECTORS, -s KEY=VALUE settings
     Model files             save, load (one .pt, weights_only)
-    Framing and image I/O   working frame, tiles and their stitching, reading images, masks, data sets
-    API                     RunOptions, fit, score_files, evaluate, metrics
+    Image I/O               placement in the frame, tiles and their stitching, images, masks, data sets
+    API                     score_files, RunOptions, fit, metrics, evaluate
     Bench                   bench and the embedded synthetic set
     Heat maps, Serving      overlays; the upload-and-inspect page and JSON endpoint
     Plumbing                progress bars, stage timers, prefetching, peak memory, atomic writes
@@ -534,7 +535,71 @@ def upsample_and_blur(patch_maps, size, sigma=BLUR_SIGMA):
         return A_h @ patch_maps @ A_w.T
 
 # -----------------------------------------------------------------------------
-# Detector: the frame every detector shares
+# Framing: how an image becomes a model input (size, aspect ratio, tiles)
+
+
+RESIZES = ("fit", "pad", "crop")
+
+
+def parse_size(text, minimum=32):
+    """--image-size: "N" (square), "HxW", or "native" (each image keeps its own size;
+    only with --tile) -> (H, W) or None."""
+    if isinstance(text, int):
+        text = str(text)
+    if isinstance(text, (tuple, list)):
+        text = "x".join(map(str, text))
+    if text == "native":
+        return None
+    try:
+        size = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or not all(minimum <= v <= 16384 for v in size):
+        raise VadError(f"--image-size {text}: give N or HxW (height x width), each {minimum}..16384, or native")
+    return size
+
+
+@dataclass
+class Framing:
+    """How an image becomes the model's input, and how its map goes back.
+
+    size: the working frame (H, W) every image is brought to (None: its own size).
+    resize: fit (stretch to the frame), pad (keep the aspect ratio, letterbox; the
+    padding is never scored), crop (keep the aspect ratio, fill the frame, cut the
+    overhang; the cut-off parts are not inspected and their map is NaN).
+    tile: if set, the frame is cut into tile x tile squares overlapping by `overlap`,
+    each scored at full resolution and the maps blended back together.
+    """
+    size: typing.Optional[tuple] = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    resize: str = "fit"
+    tile: typing.Optional[int] = None
+    overlap: float = TILE_OVERLAP
+
+    def __post_init__(self):
+        self.size = None if self.size is None else tuple(int(v) for v in self.size)
+        if self.resize not in RESIZES:
+            raise VadError(f"--resize {self.resize}: use {', '.join(RESIZES)}")
+        if self.tile is not None and self.tile < 32:
+            raise VadError(f"--tile {self.tile}: tiles must be at least 32 px")
+        if not 0 <= self.overlap < 1:
+            raise VadError(f"--tile-overlap {self.overlap}: must be in [0, 1)")
+        if self.size is None and self.tile is None:
+            raise VadError("--image-size native needs --tile N (images of any size are then cut into tiles)")
+
+    @property
+    def input_size(self):
+        """What the detector itself sees: (H, W)."""
+        return (self.tile, self.tile) if self.tile else self.size
+
+
+def as_framing(framing):
+    """A Framing, from a Framing, an int, (H, W), or "HxW" (stretched, untiled)."""
+    return framing if isinstance(framing, Framing) else Framing(parse_size(framing, minimum=1))
+
+# -----------------------------------------------------------------------------
+# Detector: what every detector shares
 
 
 class Detector(nn.Module):
@@ -549,9 +614,10 @@ class Detector(nn.Module):
         self.input_size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)  # (H, W)
         self.framing = Framing(self.input_size)  # how images become inputs; fit() and load() set it
         self.register_buffer("threshold", torch.tensor(float("nan")))  # on image scores
-        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))  # on map values
-        self.register_buffer("map_low", torch.tensor(0.0))  # typical normal map value (colour scale)
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))  # on map values: heat-map outlines
+        self.register_buffer("map_low", torch.tensor(0.0))  # typical normal map value (heat-map colour scale)
         self.precision = "fp32"  # number format of the backbone and of training (set_precision)
+        self.info = {}  # how it was fitted (data, weights, seed, image counts): fit() and load() fill it
 
     @property
     def device(self):
@@ -967,8 +1033,8 @@ class PatchCore(Detector):
         channels-last memory (so that .permute(0, 2, 3, 1) is one row per patch, no copy)."""
         features = self.backbone(images, channels_last=True)
         B, (h, w) = len(images), features[0].shape[-2:]
-        # Channels last throughout: CPU pooling and resampling run several times faster on
-        # it (README, "Speed"), and the bank wants one row per patch.
+        # Channels last throughout: CPU pooling and resampling are faster on it (README,
+        # "Speed"), and the bank wants one row per patch.
         x = features[0].new_empty(B, h, w, sum(f.shape[1] for f in features))
         c = 0
         for f in features:
@@ -1137,6 +1203,10 @@ class FusedMapDetector(Detector):
         super().__init__(config, input_size)
         self.register_buffer("map_mean", torch.zeros(components))  # per component, held-out images
         self.register_buffer("map_std", torch.ones(components))
+
+    def component_maps(self, images):
+        """images (B, 3, H, W) -> component maps (B, K, H, W), before standardization."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def fit_normalization(self, batches):
@@ -1507,7 +1577,7 @@ def save(detector, path, info=None):
         "precision": detector.precision,  # the backbone's at fit (the threshold was calibrated with it)
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "threshold": float(detector.threshold),
-        "info": dict(getattr(detector, "info", {}) if info is None else info),
+        "info": dict(detector.info if info is None else info),
         "state_dict": state,
     }
     checkpoint["sha256"] = _digest(checkpoint)
@@ -1554,7 +1624,7 @@ def load(path, device="cpu", precision="model"):
                                   pick_precision(precision, detector.device))
 
 # -----------------------------------------------------------------------------
-# Framing and image I/O
+# Image I/O: placing images in the frame, tiles, reading images, masks and data sets
 
 
 def is_image(path):
@@ -1588,67 +1658,6 @@ def _open(source):
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise VadError(f"cannot read image {path}: {e}") from None
     return ImageOps.exif_transpose(image)  # phones and some cameras store rotation in EXIF
-
-
-RESIZES = ("fit", "pad", "crop")
-
-
-def parse_size(text, minimum=32):
-    """--image-size: "N" (square), "HxW", or "native" (each image keeps its own size;
-    only with --tile) -> (H, W) or None."""
-    if isinstance(text, int):
-        text = str(text)
-    if isinstance(text, (tuple, list)):
-        text = "x".join(map(str, text))
-    if text == "native":
-        return None
-    try:
-        size = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        size = ()
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or not all(minimum <= v <= 16384 for v in size):
-        raise VadError(f"--image-size {text}: give N or HxW (height x width), each {minimum}..16384, or native")
-    return size
-
-
-@dataclass
-class Framing:
-    """How an image becomes the model's input, and how its map goes back.
-
-    size: the working frame (H, W) every image is brought to (None: its own size).
-    resize: fit (stretch to the frame), pad (keep the aspect ratio, letterbox; the
-    padding is never scored), crop (keep the aspect ratio, fill the frame, cut the
-    overhang; the cut-off parts are not inspected and their map is NaN).
-    tile: if set, the frame is cut into tile x tile squares overlapping by `overlap`,
-    each scored at full resolution and the maps blended back together.
-    """
-    size: typing.Optional[tuple] = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
-    resize: str = "fit"
-    tile: typing.Optional[int] = None
-    overlap: float = TILE_OVERLAP
-
-    def __post_init__(self):
-        self.size = None if self.size is None else tuple(int(v) for v in self.size)
-        if self.resize not in RESIZES:
-            raise VadError(f"--resize {self.resize}: use {', '.join(RESIZES)}")
-        if self.tile is not None and self.tile < 32:
-            raise VadError(f"--tile {self.tile}: tiles must be at least 32 px")
-        if not 0 <= self.overlap < 1:
-            raise VadError(f"--tile-overlap {self.overlap}: must be in [0, 1)")
-        if self.size is None and self.tile is None:
-            raise VadError("--image-size native needs --tile N (images of any size are then cut into tiles)")
-
-    @property
-    def input_size(self):
-        """What the detector itself sees: (H, W)."""
-        return (self.tile, self.tile) if self.tile else self.size
-
-
-def as_framing(framing):
-    """A Framing, from a Framing, an int, (H, W), or "HxW" (stretched, untiled)."""
-    return framing if isinstance(framing, Framing) else Framing(parse_size(framing, minimum=1))
 
 
 def placement(source_size, frame, resize):
@@ -1986,14 +1995,14 @@ def score_files(detector, sources, batch_size=BATCH_SIZE, desc="score"):
     is defined for one input). An unreadable file yields its error and never stops the
     others. desc=None draws no progress bar."""
     framing = detector.framing
-    images, ready, batch = {}, {}, []  # index -> (its own size, Stitcher) while scored; index -> Scored
+    open_maps, ready, batch = {}, {}, []  # index -> (its own size, Stitcher) while scored; index -> Scored
 
     def inputs():  # (index, model input, offset) for every tile of every readable image
         for f in read_frames(sources, framing):
             if f.error:
                 ready[f.index] = Scored(_label(sources[f.index]), error=f.error)
                 continue
-            images[f.index] = f.source_size, Stitcher(f.frame.shape[1:], framing.tile, len(f.offsets))
+            open_maps[f.index] = f.source_size, Stitcher(f.frame.shape[1:], framing.tile, len(f.offsets))
             for tile, offset in zip(f.tiles, f.offsets):
                 yield f.index, torch.from_numpy(tile), offset
 
@@ -2001,14 +2010,14 @@ def score_files(detector, sources, batch_size=BATCH_SIZE, desc="score"):
         with torch.no_grad():
             scores, maps = detector.score(torch.stack([tile for _, tile, _ in batch]).to(detector.device))
         for (i, _, offset), single_score, m in zip(batch, scores.tolist(), maps.float().cpu()):
-            source_size, stitcher = images[i]
+            source_size, stitcher = open_maps[i]
             stitcher.add(m, offset)
             if stitcher.complete:
-                del images[i]
+                del open_maps[i]
                 ready[i] = _scored(detector, sources[i], source_size, stitcher, single_score)
         batch.clear()
 
-    def steps():  # after each input, and once more after the last batch
+    def progressed():  # yields after each input, and once more after the last batch
         n = tiles_per_image(framing)
         for item in inputs() if desc is None else progress(inputs(), n and n * len(sources), desc):
             batch.append(item)
@@ -2020,7 +2029,7 @@ def score_files(detector, sources, batch_size=BATCH_SIZE, desc="score"):
         yield
 
     done = 0
-    for _ in steps():
+    for _ in progressed():
         while done in ready:
             yield ready.pop(done)
             done += 1
@@ -2146,9 +2155,9 @@ def aupro(maps, masks, max_fpr=0.3):
     import scipy.ndimage
 
     maps = np.asarray(maps, dtype=np.float64)
-    scored = np.isfinite(maps)  # NaN: a pixel that was not inspected (cropped away, letterbox)
-    masks = np.asarray(masks, dtype=bool) & scored
-    maps = np.where(scored, maps, -np.inf)
+    inspected = np.isfinite(maps)  # NaN: a pixel that was not inspected (cropped away, letterbox)
+    masks = np.asarray(masks, dtype=bool) & inspected
+    maps = np.where(inspected, maps, -np.inf)
     weight = np.zeros(maps.shape)  # each region's pixels share 1/regions of the PRO
     regions = 0
     for i in range(len(masks)):
@@ -2157,7 +2166,7 @@ def aupro(maps, masks, max_fpr=0.3):
             sizes = np.bincount(labels.ravel())
             weight[i][labels > 0] = 1.0 / sizes[labels[labels > 0]]
             regions += n
-    normal = ~masks & scored
+    normal = ~masks & inspected
     if regions == 0 or not normal.any():
         return float("nan")
     order = np.argsort(-maps.ravel(), kind="stable")
@@ -2376,6 +2385,7 @@ def cpu_seconds():
 
 
 def _share(stages, seconds, *parts):
+    """Percent of `seconds` not spent in the timed() stages `parts`: the detector's own work."""
     return 100 * max(0.0, seconds - sum(stages.get(p, 0.0) for p in parts)) / seconds
 
 
