@@ -33,14 +33,14 @@ Contents (in file order):
     Backbones               ResNet-18, Wide-ResNet-50-2, MobileNetV2 in torchvision's layout
     Anomaly maps            bilinear upsampling and Gaussian blur as matrix products
     Framing                 working size, resize mode and tiles: how an image becomes an input
-    Detector                what every detector shares (config, buffers, fitted state)
+    Detector                what every detector shares (config, buffers, fitted-state checks)
     PaDiM                   Mahalanobis distances, a Gaussian per position
     PatchCore's memory bank greedy coreset, Voronoi cells, exact nearest-neighbour search
     PatchCore               patch features, eq. 7
     Detectors that train    augmentation, the training loop, fused maps
     EfficientAD, Autoencoder and SSIM
     Detector registry       DETECTORS, -s KEY=VALUE settings
-    Model files             save, load (one .pt, weights_only)
+    Model files             save, load (one .pt, weights_only, every field and tensor checked)
     Image I/O               placement in the frame, tiles and their stitching, images, masks, data sets
     API                     score_files, RunOptions, fit, metrics, evaluate
     Bench                   bench and the embedded synthetic set
@@ -79,6 +79,7 @@ import dataclasses
 import email.parser
 import email.policy
 import functools
+import glob
 import hashlib
 import http.server
 import io
@@ -88,6 +89,7 @@ import os
 import platform
 import queue
 import resource
+import signal
 import sys
 import tempfile
 import threading
@@ -95,6 +97,7 @@ import time
 import typing
 import urllib.parse
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +110,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 __version__ = "0.1.0"
 FORMAT_NAME = "vad-model"
-FORMAT_VERSION = 3  # bump on any change to what a .pt holds; other versions are refused (history: README)
+FORMAT_VERSION = 4  # bump on any change to what a .pt holds; other versions are refused (history: README)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision ImageNet backbone expects these
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,7 +121,8 @@ BANK_BYTES = 2 * 2**30  # raw PatchCore patch features held before they are thin
 BATCH_SIZE = 16
 TILE_OVERLAP = 0.25  # fraction by which neighbouring tiles overlap
 HOLDOUT = 0.1  # fraction of the normal training images kept out to calibrate the threshold
-MAX_PIXELS = 100_000_000  # larger images are refused before decoding (decompression bombs)
+MAX_PIXELS = 100_000_000  # per image, frame and map: larger images are refused before decoding (bombs)
+MAX_MODEL_BYTES = 8 * 2**30  # the most a model file may unpack to; load() checks before reading
 CACHE_DIR = Path(os.environ.get("VAD_CACHE", Path.home() / ".cache" / "vad"))
 
 # -----------------------------------------------------------------------------
@@ -418,6 +422,15 @@ def load_truncated(net, state, name, weights):
         raise VadError(f"--weights {weights} does not fit {name}: {first}") from None
 
 
+def grid_size(n, stride):
+    """Positions along a side of n pixels in a backbone map of the given stride (4, 8
+    or 16): every stride-2 step of these backbones (3x3 pad 1, 7x7 pad 3, 3x3 max pool
+    pad 1) maps n to ceil(n / 2)."""
+    for _ in range(int(math.log2(stride))):
+        n = (n + 1) // 2
+    return n
+
+
 class FeatureExtractor(nn.Module):
     """A backbone cut after the deepest stage a detector uses, with the input
     normalization built in: it takes images in [0, 1] and returns the tapped maps.
@@ -558,6 +571,9 @@ def parse_size(text, minimum=32):
         size = size * 2
     if len(size) != 2 or not all(minimum <= v <= 16384 for v in size):
         raise VadError(f"--image-size {text}: give N or HxW (height x width), each {minimum}..16384, or native")
+    if size[0] * size[1] > MAX_PIXELS:
+        raise VadError(f"--image-size {text}: {size[0] * size[1]:,} pixels is over vad's limit of {MAX_PIXELS:,}; "
+                       f"use --image-size native with --tile for larger images")
     return size
 
 
@@ -581,8 +597,11 @@ class Framing:
         self.size = None if self.size is None else tuple(int(v) for v in self.size)
         if self.resize not in RESIZES:
             raise VadError(f"--resize {self.resize}: use {', '.join(RESIZES)}")
-        if self.tile is not None and self.tile < 32:
-            raise VadError(f"--tile {self.tile}: tiles must be at least 32 px")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1
+                                      or self.size[0] * self.size[1] > MAX_PIXELS):
+            raise VadError(f"working size {self.size}: must be (H, W), at most {MAX_PIXELS:,} pixels")
+        if self.tile is not None and not 32 <= self.tile <= 16384:
+            raise VadError(f"--tile {self.tile}: tiles must be 32..16384 px")
         if not 0 <= self.overlap < 1:
             raise VadError(f"--tile-overlap {self.overlap}: must be in [0, 1)")
         if self.size is None and self.tile is None:
@@ -640,6 +659,29 @@ class Detector(nn.Module):
         """The image score of a stitched or letterboxed map (its scored pixels, 1-D):
         the maximum, as PaDiM and PatchCore score a map."""
         return float(anomaly_map.max())
+
+    def fitted_shapes(self, state):
+        """The shapes of the buffers whose size fitting decides, as the config and the
+        sizes in `state` (a model file's tensors) imply: {name: shape}. Raises ValueError
+        for values that would index out of range."""
+        return {}
+
+    def check_state(self, state):
+        """Raise ValueError unless `state` (name -> tensor, from a model file) fits this
+        detector exactly: the same names, each of its own dtype, the fixed shapes equal,
+        the fitted ones as fitted_shapes() says, every float finite. Call it on a detector
+        built on the meta device, so that a crafted config allocates nothing."""
+        own = self.state_dict()
+        if set(state) != set(own) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            odd = sorted(set(state) ^ set(own)) or [k for k, t in state.items() if not isinstance(t, torch.Tensor)]
+            raise ValueError(f"its tensors do not match a {self.name} model ({', '.join(odd[:3])} ...)")
+        shapes = {name: tuple(t.shape) for name, t in own.items()} | self.fitted_shapes(state)
+        for name, t in state.items():
+            if t.dtype != own[name].dtype or tuple(t.shape) != tuple(shapes[name]):
+                raise ValueError(f"tensor {name} is {t.dtype} {tuple(t.shape)}, expected {own[name].dtype} "
+                                 f"{tuple(shapes[name])}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"tensor {name} holds NaN or infinite values")
 
     def set_precision(self, precision):
         """fp32, bf16 or fp16 for the frozen backbone and for training steps (see
@@ -706,6 +748,13 @@ class PaDiM(Detector):
         self.register_buffer("channels", torch.empty(0, dtype=torch.long))  # (d,) chosen channels
         self.register_buffer("mean", torch.empty(0))  # (P, d)
         self.register_buffer("cholesky", torch.empty(0))  # (P, d, d), lower triangular
+
+    def fitted_shapes(self, state):
+        P, d = grid_size(self.input_size[0], 4) * grid_size(self.input_size[1], 4), self.config.d
+        channels = state["channels"]
+        if len(channels) == d and not (bool((channels >= 0).all()) and bool((channels < sum(self.backbone.channels)).all())):
+            raise ValueError("its PaDiM channel indices are out of range")
+        return {"channels": (d,), "mean": (P, d), "cholesky": (P, d, d)}
 
     def embed(self, images):
         """images (B, 3, H, W) -> the chosen channels at layer-1 resolution (B, d, h, w)."""
@@ -1027,6 +1076,16 @@ class PatchCore(Detector):
         self.register_buffer("cell_centres", torch.empty(0))  # (n, C)
         self.register_buffer("cell_starts", torch.empty(0, dtype=torch.long))  # (n + 1,)
         self.register_buffer("cell_radii", torch.empty(0))  # (n,)
+
+    def fitted_shapes(self, state):
+        D = self.config.embed_dim or sum(self.backbone.channels)
+        K, n = len(state["memory_bank"]), len(state["cell_centres"])
+        starts = state["cell_starts"]
+        if K < 1 or n < 1 or len(starts) != n + 1 or int(starts[0]) != 0 or int(starts[-1]) != K \
+                or not bool((starts[1:] >= starts[:-1]).all()):
+            raise ValueError("its PatchCore memory bank or cells are inconsistent")
+        return {"memory_bank": (K, D), "bank_origin": (D,), "cell_centres": (n, D), "cell_starts": (n + 1,),
+                "cell_radii": (n,)}
 
     def embed(self, images):
         """images (B, 3, H, W) -> patch features (B, C, h, w) on the first layer's grid, a view of
@@ -1542,10 +1601,12 @@ def _parse_value(key, text, default):
 
 
 def _digest(checkpoint):
-    """SHA-256 over what defines the model: detector, config, input size, and the names,
-    dtypes, shapes and bytes of every tensor of its state dict."""
+    """SHA-256 over everything that decides how the model scores: detector, config, input
+    size, framing, precision, normalization, and the names, dtypes, shapes and bytes of
+    every tensor of its state dict. An integrity check against damage and accidental
+    edits, not a signature: anyone who can edit the file can recompute it."""
     h = hashlib.sha256()
-    header = {k: checkpoint[k] for k in ("detector", "config", "image_size", "framing")}
+    header = {k: checkpoint[k] for k in ("detector", "config", "image_size", "framing", "precision", "normalization")}
     h.update(json.dumps(header, sort_keys=True).encode())
     state = checkpoint["state_dict"]
     for name in sorted(state):
@@ -1583,45 +1644,138 @@ def save(detector, path, info=None):
     checkpoint["sha256"] = _digest(checkpoint)
     try:
         atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp))
-    except OSError as e:  # disk full, read-only folder, ...: the old file (if any) is intact
-        raise VadError(f"could not write model file {path}: {e.strerror or e}") from None
+    except (OSError, RuntimeError) as e:  # disk full, read-only folder, ...: the old file (if any) is intact
+        # torch's zip writer reports a failed write as a RuntimeError, with its C++ context
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        raise VadError(f"could not write model file {path}: {reason}") from None
+
+
+MODEL_KEYS = {"format", "format_version", "vad_version", "detector", "config", "image_size", "framing", "precision",
+              "normalization", "threshold", "info", "sha256", "state_dict"}
+
+
+def check_archive(path):
+    """Refuse, before anything is unpickled, a model file that could unpack to more
+    memory than it occupies: save() writes uncompressed records only, so a compressed
+    record (a small file that inflates to gigabytes) is refused, and so is a total over
+    MAX_MODEL_BYTES."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, ValueError):
+        raise VadError(f"{path} is not a vad model file (not a torch zip archive); fit one with 'vad.py fit'") from None
+    except OSError as e:
+        raise VadError(f"cannot read model file {path}: {e.strerror or e}") from None
+    if any(r.compress_type != zipfile.ZIP_STORED for r in records):
+        raise VadError(f"{path} is not a vad model file (it holds compressed records, which vad never writes)")
+    total = sum(r.file_size for r in records)
+    if total > MAX_MODEL_BYTES:
+        raise VadError(f"{path} unpacks to {total:,} bytes, over vad's limit of {MAX_MODEL_BYTES:,}")
+
+
+def _typed(value, default):
+    """Whether a config value read from a file has the type its field's default has."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int) or default is None:  # None: an optional int
+        return (value is None and default is None) or (isinstance(value, int) and not isinstance(value, bool))
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, type(default))
+
+
+def check_header(checkpoint):
+    """Raise ValueError unless every header field of a model file has its type and range."""
+    if set(checkpoint) != MODEL_KEYS:
+        unknown, missing = sorted(set(checkpoint) - MODEL_KEYS), sorted(MODEL_KEYS - set(checkpoint))
+        raise ValueError(f"unknown key(s) {unknown}" if unknown else f"missing key(s) {missing}")
+    if checkpoint["detector"] not in DETECTORS:
+        raise ValueError(f"unknown detector {checkpoint['detector']!r}")
+    config, Config = checkpoint["config"], DETECTORS[checkpoint["detector"]].Config
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    if not isinstance(config, dict) or not set(config) <= set(defaults):
+        raise ValueError("its config has unknown settings")
+    for key, value in config.items():
+        if not _typed(value, defaults[key]):
+            raise ValueError(f"config {key}={value!r} has the wrong type")
+    size = checkpoint["image_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v >= 1 for v in size)
+            and size[0] * size[1] <= MAX_PIXELS):
+        raise ValueError(f"image_size {size!r} is not a valid input size")
+    framing = checkpoint["framing"]
+    if not (isinstance(framing, dict) and set(framing) == {f.name for f in dataclasses.fields(Framing)}):
+        raise ValueError("its framing is not valid")
+    if checkpoint["precision"] not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision {checkpoint['precision']!r} is not fp32, bf16 or fp16")
+    if checkpoint["normalization"] != {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}:
+        raise ValueError("its input normalization is not the ImageNet one vad applies")
+    if not isinstance(checkpoint["info"], dict) or len(json.dumps(checkpoint["info"], default=str)) > 2**16:
+        raise ValueError("its info is not a small dictionary")
+    if not isinstance(checkpoint["state_dict"], dict) or not isinstance(checkpoint["sha256"], str):
+        raise ValueError("its tensors or checksum are missing")
 
 
 def load(path, device="cpu", precision="model"):
-    """Read a .pt written by save(). Only tensors and plain containers are unpickled
-    (weights_only=True), so a crafted file cannot run code; anything that is not a vad
-    model of this format version, or whose tensors changed since saving, is refused.
-    precision "model" keeps the backbone precision the model was fitted (and its
-    threshold calibrated) with; any other value overrides it (see pick_precision)."""
+    """Read a .pt written by save(). A model file is input like any other, and may be
+    crafted: its size is bounded before reading (check_archive), only tensors and plain
+    containers are unpickled (weights_only=True, so no code runs), every header field is
+    checked for type and range, the checksum over what decides scoring must match, and
+    every tensor must have the dtype and shape the config implies before the detector
+    is built. Any failure is one VadError. precision "model" keeps the backbone precision
+    the model was fitted (and its threshold calibrated) with; any other value overrides
+    it (see pick_precision)."""
     path = Path(path)
+    if not path.exists():
+        raise VadError(f"model file {path} does not exist")
+    check_archive(path)
     checkpoint = load_tensors(path, f"model file {path} does not exist",
                               f"{path} is not a vad model file ({{reason}}); fit one with 'vad.py fit'")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_NAME:
         raise VadError(f"{path} is not a vad model file; fit one with 'vad.py fit'")
     if checkpoint.get("format_version") != FORMAT_VERSION:
-        raise VadError(f"{path} has model format version {checkpoint.get('format_version')}, this vad "
+        raise VadError(f"{path} has model format version {checkpoint.get('format_version')!r}, this vad "
                        f"{__version__} reads version {FORMAT_VERSION}; fit the model again with this vad")
     try:
-        state = checkpoint["state_dict"]
+        check_header(checkpoint)
         if _digest(checkpoint) != checkpoint["sha256"]:
             raise VadError(f"{path} is corrupted or was modified since it was saved (checksum mismatch); fit it again")
-        cls = DETECTORS[checkpoint["detector"]]
-        detector = cls(cls.Config(**checkpoint["config"]), checkpoint["image_size"], weights="empty")
-        detector.framing = Framing(**checkpoint["framing"])
+        cls, state = DETECTORS[checkpoint["detector"]], checkpoint["state_dict"]
+        config, framing = cls.Config(**checkpoint["config"]), Framing(**checkpoint["framing"])
+        if list(framing.input_size) != checkpoint["image_size"]:
+            raise ValueError("its input size does not match its framing")
+        with torch.device("meta"):  # shapes and dtypes only: a crafted config allocates nothing
+            cls(config, checkpoint["image_size"], weights="empty").check_state(state)
+        detector = cls(config, checkpoint["image_size"], weights="empty")
+        detector.framing = framing
         for name, tensor in state.items():  # fitted buffers have data-dependent shapes
             module, _, leaf = name.rpartition(".")
             owner = detector.get_submodule(module)
             if leaf in owner._buffers and owner._buffers[leaf].shape != tensor.shape:
                 owner._buffers[leaf] = torch.empty_like(tensor)
         detector.load_state_dict(state)
-    except VadError:
-        raise
+    except VadError as e:
+        raise VadError(str(e) if str(path) in str(e) else f"{path} is not a valid vad model ({e}); fit it again") \
+            from None
     except Exception as e:
         raise VadError(f"{path} is not a valid vad model ({type(e).__name__}: {e}); fit it again") from None
-    detector.info = checkpoint.get("info", {})
+    detector.info = checkpoint["info"]
     detector = detector.to(pick_device(device)).eval()
     return detector.set_precision(checkpoint["precision"] if precision == "model" else
                                   pick_precision(precision, detector.device))
+
+
+def is_vad_model(path):
+    """Whether `path` is a file save() wrote, judged from its header without unpickling
+    anything: a torch zip archive whose small pickle record names the vad format."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = [i for i in archive.infolist() if i.filename.endswith("/data.pkl")]
+            return (len(records) == 1 and records[0].file_size <= 2**20
+                    and FORMAT_NAME.encode() in archive.read(records[0]))
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
+        return False
 
 # -----------------------------------------------------------------------------
 # Image I/O: placing images in the frame, tiles, reading images, masks and data sets
@@ -1632,13 +1786,15 @@ def is_image(path):
 
 
 def list_images(folder):
-    """Every image file under `folder`, recursively, in sorted order; other files are
-    skipped with one warning that counts them (none if there is no image at all: the
-    caller's error then says so)."""
-    files = [p for p in Path(folder).rglob("*") if p.is_file()]
-    images = sorted(p for p in files if is_image(p))
+    """Every image file under `folder`, recursively, in sorted order; other files and
+    broken links are skipped with one warning that counts them (none if there is no
+    image at all: the caller's error then says so)."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file() or (p.is_symlink() and not p.exists())]
+    images = sorted(p for p in files if is_image(p) and p.is_file())
     if images and len(images) < len(files):
-        warn(f"skipped {len(files) - len(images)} non-image file(s) in {folder}")
+        broken = sum(not p.exists() for p in files)
+        warn(f"skipped {len(files) - len(images)} non-image file(s) in {folder}"
+             + (f", {broken} of them broken link(s)" if broken else ""))
     return images
 
 
@@ -1767,6 +1923,20 @@ def _paste(canvas, x, top, left):
     return canvas
 
 
+def _resized_for_frame(image, frame, resize, resample):
+    """A Pillow image resized for the frame as placement() says -> (the part of it that
+    lands in the frame, its (top, left) there). crop resizes only that part (Pillow's box
+    resampling samples exactly as resizing the whole and cutting would), so no
+    intermediate is ever larger than the frame, however extreme the aspect ratio."""
+    (H0, W0), (H, W) = (image.height, image.width), frame
+    h, w, top, left = placement((H0, W0), frame, resize)
+    r0, r1, c0, c1 = max(0, -top), min(h, H - top), max(0, -left), min(w, W - left)
+    if (r0, r1, c0, c1) != (0, h, 0, w):
+        box = (c0 * W0 / w, r0 * H0 / h, c1 * W0 / w, r1 * H0 / h)
+        return image.resize((c1 - c0, r1 - r0), resample, box=box), top + r0, left + c0
+    return (image if (h, w) == (H0, W0) else image.resize((w, h), resample)), top, left
+
+
 def frame_image(source, framing):
     """Image file or bytes -> (frame (3, H, W) float32 array in [0, 1], the image's own
     size (H0, W0)).
@@ -1781,11 +1951,9 @@ def frame_image(source, framing):
     image = _decoded(source)
     source_size = (image.height, image.width)
     frame = framing.size or source_size
-    h, w, top, left = placement(source_size, frame, framing.resize)
-    if (h, w) != source_size:
-        image = image.resize((w, h), Image.BILINEAR)
+    image, top, left = _resized_for_frame(image, frame, framing.resize, Image.BILINEAR)
     x = _to_array(image)
-    if (h, w, top, left) != (*frame, 0, 0):
+    if (image.height, image.width, top, left) != (*frame, 0, 0):
         x = _paste(_mean_canvas(*frame), x, top, left)
     return x, source_size
 
@@ -1804,9 +1972,9 @@ def read_mask(path, framing):
     if mask.ndim == 3:
         mask = mask.any(2)
     frame = framing.size or mask.shape
-    h, w, top, left = placement(mask.shape, frame, framing.resize)
-    mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
-    return torch.from_numpy(_paste(np.zeros(frame, dtype=bool), mask, top, left))
+    mask, top, left = _resized_for_frame(Image.fromarray(mask.astype(np.uint8) * 255), frame, framing.resize,
+                                         Image.NEAREST)
+    return torch.from_numpy(_paste(np.zeros(frame, dtype=bool), np.asarray(mask) > 0, top, left))
 
 
 def map_to_source(anomaly_map, source_size, framing):
@@ -1873,6 +2041,33 @@ def read_dataset(root):
             dataset.labels.append(0 if good else 1)
             dataset.masks.append(None if good else (mask if mask.exists() else None))
     return dataset
+
+
+def _header_size(path):
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, UnidentifiedImageError):
+        return None  # reading it later reports why
+
+
+def check_masks(dataset):
+    """One warning for each way the defective test images and their masks disagree:
+    images without a mask (left out of the pixel metrics; with none at all, the pixel
+    metrics are NaN) and masks of another size than their image (stretched onto it)."""
+    defective = [i for i, label in enumerate(dataset.labels) if label]
+    missing = sum(dataset.masks[i] is None for i in defective)
+    where = f"ground_truth/<defect>/<name>_mask.png in {dataset.root}"
+    if defective and missing == len(defective):
+        warn(f"none of the {missing} defective test images has a mask ({where}): no pixel metrics")
+    elif missing:
+        warn(f"{missing} of {len(defective)} defective test images have no mask ({where}): "
+             f"they are left out of the pixel metrics")
+    resized = sum(_header_size(dataset.masks[i]) not in (None, _header_size(dataset.test[i]))
+                  for i in defective if dataset.masks[i] is not None)
+    if resized:
+        warn(f"{resized} mask(s) in {dataset.root} differ in size from their images: each is stretched onto "
+             f"its image for the pixel metrics")
 
 
 def cut_tiles(frame, framing):
@@ -2224,6 +2419,7 @@ def evaluate(detector, dataset, batch_size=BATCH_SIZE):
     or cropped-away parts)."""
     if not dataset.test:
         raise VadError(f"{dataset.root} has no test/ images to evaluate on (MVTec AD layout expected)")
+    check_masks(dataset)
     start = time.perf_counter()
     scored = every_image(score_files(detector, dataset.test, batch_size, "score"))
     seconds = time.perf_counter() - start
@@ -2820,11 +3016,34 @@ class PeakMemory:
             self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Delete the temporary files that atomic_write() left for `path` in processes that
+    no longer run (killed with SIGKILL, or by a power cut, before they could clean up).
+    They are recognised by name, .NAME.PID.HEX.tmp; a running writer's are kept."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid, _, tag = tmp.name[len(path.name) + 2: -4].partition(".")
+        if pid.isdigit() and len(tag) == 8 and all(c in "0123456789abcdef" for c in tag) and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename onto `path`: readers see the old file or the
-    whole new one, never a partial one, whatever interrupts the write."""
+    whole new one, never a partial one, whatever interrupts the write (SIGINT and SIGTERM
+    clean up here; what a SIGKILL leaves, the next write to `path` removes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     # Same folder (rename is atomic only within a file system); created by write() itself
     # so the file gets the usual permissions, not mkstemp's 0600.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
@@ -2931,10 +3150,12 @@ def cli():
 @click.option("--model", "model", type=click.Choice(list(DETECTORS)), default="patchcore", show_default=True)
 @click.option("--data", type=click.Path(path_type=Path), help="MVTec AD category folder or folder of normal images "
               "[default: the embedded synthetic 'surface' set].")
-@click.option("--out", type=click.Path(path_type=Path), help="Model file [default: <category>-<model>.pt].")
+@click.option("--out", type=click.Path(path_type=Path), help="Model file [default: <category>-<model>.pt]; an "
+              "existing file is replaced only if it is a vad model.")
+@click.option("--force", is_flag=True, help="Let --out replace an existing file that is not a vad model.")
 @fit_options
 @run_options(fitting=True)
-def fit_command(model, data, out, quiet, **options):
+def fit_command(model, data, out, force, quiet, **options):
     """Fit a detector on normal images and write one .pt model file.
 
     \b
@@ -2946,6 +3167,7 @@ def fit_command(model, data, out, quiet, **options):
         data = synthetic_data()[0]
         note(f"no --data: using the embedded synthetic set {data} (a smoke test, not a benchmark)")
     out = out or Path(f"{Path(data).resolve().name}-{model}.pt")
+    check_model_out(out, data, force)
     start = time.perf_counter()
     detector = run_api(fit, data, model, RunOptions(**options))
     run_api(save, detector, out, detector.info)
@@ -2953,84 +3175,153 @@ def fit_command(model, data, out, quiet, **options):
     click.echo(str(out))
 
 
-def _expand_inputs(inputs):
-    """PATH arguments (files, folders, '-' for paths on stdin) -> image paths, in order."""
-    paths = []
+def check_writable(path, option):
+    """Refuse, before a long run, an output file that could not be written at the end."""
+    if path.is_dir():
+        raise CliError(f"{option} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise CliError(f"{option} {path}: cannot write there ({e.strerror or e}); choose another path") from None
+
+
+def check_model_out(out, data, force):
+    """Refuse, before any work, an --out that could not be written, or that would
+    destroy something vad did not make: one of the training images, or (without --force)
+    any file that is not a vad model."""
+    check_writable(out, "--out")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if is_image(out) and out.resolve().is_relative_to(Path(data).resolve()):
+        raise CliError(f"--out {out} is one of the training images in {data}; write the model elsewhere")
+    if not force and not is_vad_model(out):
+        raise CliError(f"--out {out} exists and is not a vad model file; choose another name, or add --force "
+                       f"to replace it")
+
+
+def _expand_inputs(inputs, null=False):
+    """PATH arguments (files, folders, '-' for paths on stdin, one per line or, with
+    null, NUL-separated) -> (image paths in order, the folders among the arguments)."""
+    paths, folders = [], []
     for item in inputs:
         if item == "-":
-            paths += [Path(line.strip()) for line in sys.stdin if line.strip()]
+            text = sys.stdin.buffer.read().decode(errors="surrogateescape")
+            entries = text.split("\0") if null else [line.strip() for line in text.splitlines()]
+            paths += [Path(entry) for entry in entries if entry]
         elif Path(item).is_dir():
+            folders.append(Path(item))
             paths += list_images(item)
         else:
             paths.append(Path(item))
-    return paths
+    return paths, folders
 
 
-def _output_name(path, parent, folder, suffix):
+def tsv_field(text):
+    """A path as one tab-separated field on one line: backslash, tab, newline and
+    carriage return written as \\\\, \\t, \\n and \\r (the escaping of PostgreSQL's text format)."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def output_paths(paths, folders, directory, option, suffix):
+    """Where `--heatmaps/--maps DIR` puts each image's output: DIR/<its path below the
+    inputs' common folder>/<its file name> + suffix, the image's own extension kept so
+    that a.png and a.jpg do not collide. Refuses (CliError) a DIR that is, or lies in, a
+    folder of inputs, and any output that would be an input file."""
+    readable = [p for p in paths if "\0" not in str(p)]  # a NUL path is an error of its own
+    if not readable:
+        return {}
+    resolved = [p.resolve() for p in readable]
+    home = directory.resolve()
+    inside = [f.resolve() for f in folders if home.is_relative_to(f.resolve())]  # scanned recursively
+    inside += [p.parent for p in resolved if home == p.parent]
+    if inside:
+        raise CliError(f"--{option} {directory} is in {inside[0]}, which holds the images being scored; "
+                       f"write the {option} to a folder outside it")
+    parent = Path(os.path.commonpath([str(p.parent) for p in resolved]))
+    outputs = {p: home / r.relative_to(parent).parent / (r.name + suffix) for p, r in zip(readable, resolved)}
+    clash = set(outputs.values()) & set(resolved)
+    if clash:
+        raise CliError(f"--{option} {directory} would replace the input {min(clash)}; choose another folder")
+    return outputs
+
+
+def _write_output(path, write):
+    """write(path) into a fresh folder if need be; a partial file is removed on failure."""
     try:
-        rel = path.resolve().relative_to(parent)
-    except ValueError:
-        rel = Path(path.name)
-    out = Path(folder) / rel.with_suffix(suffix)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 @cli.command("score")
 @click.argument("model_file", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of tab-separated text.")
-@click.option("--heatmaps", type=click.Path(path_type=Path), help="Write each image with its map overlaid (PNG) here.")
-@click.option("--maps", type=click.Path(path_type=Path), help="Write each raw anomaly map (float32 .npy, the "
-              "image's own size, NaN where not inspected) here.")
+@click.option("--heatmaps", type=click.Path(path_type=Path), help="Write each image with its map overlaid here, "
+              "as <name>.<ext>.png (a folder outside the inputs).")
+@click.option("--maps", type=click.Path(path_type=Path), help="Write each raw anomaly map here, as <name>.<ext>.npy "
+              "(float32, the image's own size, NaN where not inspected).")
+@click.option("--null", "-0", "null", is_flag=True, help="Paths on stdin ('-') are NUL-separated (find -print0).")
 @click.option("--fail-on-anomaly", is_flag=True, help="Exit 1 when any image is judged anomalous.")
 @run_options(fitting=False)
-def score_command(model_file, inputs, as_json, heatmaps, maps, fail_on_anomaly, precision, device, batch_size, quiet):
+def score_command(model_file, inputs, as_json, heatmaps, maps, null, fail_on_anomaly, precision, device, batch_size,
+                  quiet):
     """Score images with a fitted model: one line per image on stdout,
-    "PATH<TAB>SCORE<TAB>ok|anomalous", in input order.
+    "PATH<TAB>SCORE<TAB>ok|anomalous", in input order (a tab, newline, carriage return
+    or backslash in PATH written as \\t, \\n, \\r, \\\\; --json gives the path exactly).
 
     INPUTS are image files, folders (searched recursively) or '-' for one path per line
-    on stdin. Errors go to stderr, never stdout.
+    on stdin (NUL-separated with -0). Errors go to stderr, one line each, never stdout.
 
     \b
     Exit status:
       0  every image scored
       1  with --fail-on-anomaly: every image scored, at least one anomalous
       2  usage or model-file error (nothing scored)
-      3  some images could not be read (each reported; all others scored)
+      3  some images could not be read, or their heat map or map not written (each
+         reported; every other image scored and written)
 
     \b
       python vad.py score bottle-padim.pt test/*/*.png
-      find line3/ -name '*.png' | python vad.py score bottle-padim.pt - --json --heatmaps out/
+      find line3/ -name '*.png' -print0 | python vad.py score bottle-padim.pt - -0 --json --heatmaps out/
     """
     _verbosity(quiet)
     detector = run_api(load, model_file, device, precision)
-    paths = _expand_inputs(inputs)
+    paths, folders = _expand_inputs(inputs, null)
     if not paths:
         raise CliError("no images to score: give image files, folders, or - to read paths from stdin")
-    parent = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
-    failed = anomalous = 0
+    outputs = {option: output_paths(paths, folders, directory, option, suffix)
+               for option, directory, suffix in (("heatmaps", heatmaps, ".png"), ("maps", maps, ".npy")) if directory}
+    failed = unwritten = anomalous = 0
     for r in score_files(detector, paths, batch_size):
         if r.error:
-            click.echo(f"error: {r.error}", err=True)
+            click.echo(f"error: {tsv_field(r.error)}", err=True)
             failed += 1
             continue
+        anomaly_map = map_to_source(r.anomaly_map, r.source_size, detector.framing) if outputs else None
         anomalous += r.verdict == "anomalous"
         record = {"path": str(r.path), "score": r.score, "threshold": r.threshold, "verdict": r.verdict}
-        try:
-            if heatmaps or maps:
-                anomaly_map = map_to_source(r.anomaly_map, r.source_size, detector.framing)
-            if heatmaps:
-                record["heatmap"] = str(_output_name(r.path, parent, heatmaps, ".png"))
-                Path(record["heatmap"]).write_bytes(heatmap_png(detector, r.path, anomaly_map))
-            if maps:
-                record["map"] = str(_output_name(r.path, parent, maps, ".npy"))
-                np.save(record["map"], anomaly_map)
-        except OSError as e:
-            raise CliError(f"cannot write output for {r.path}: {e}") from None
-        click.echo(json.dumps(record) if as_json else f"{r.path}\t{r.score:.6g}\t{r.verdict}")
+        for option, key, write in (("heatmaps", "heatmap", lambda f: f.write_bytes(heatmap_png(detector, r.path,
+                                                                                                anomaly_map))),
+                                   ("maps", "map", lambda f: np.save(f, anomaly_map))):
+            if option in outputs:
+                try:
+                    _write_output(outputs[option][r.path], write)
+                    record[key] = str(outputs[option][r.path])
+                except OSError as e:
+                    click.echo(f"error: cannot write the {key} of {tsv_field(str(r.path))} to "
+                               f"{tsv_field(str(outputs[option][r.path]))}: {e.strerror or e}", err=True)
+                    unwritten += 1
+        click.echo(json.dumps(record) if as_json else f"{tsv_field(str(r.path))}\t{r.score:.6g}\t{r.verdict}")
     if failed:
         click.echo(f"error: {failed} of {len(paths)} image(s) could not be read", err=True)
+    if unwritten:
+        click.echo(f"error: {unwritten} output file(s) could not be written", err=True)
+    if failed or unwritten:
         sys.exit(3)
     if fail_on_anomaly and anomalous:
         sys.exit(1)
@@ -3057,6 +3348,8 @@ def bench_command(models, data, more_data, json_file, quiet, **options):
     """
     _verbosity(quiet)
     o = RunOptions(**options)
+    if json_file:
+        check_writable(json_file, "--json")
     dirs = list(data) + list(more_data)
     if not dirs and o.weights == "imagenet":
         try:
@@ -3125,5 +3418,12 @@ def serve_command(model_files, host, port, max_bytes, precision, device, batch_s
         server.server_close()
 
 
-if __name__ == "__main__":
+def main():
+    """The command line, with SIGTERM (a service manager stopping vad, `kill`, a CI
+    timeout) handled as Ctrl-C is: SystemExit runs every cleanup on its way out."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     cli()
+
+
+if __name__ == "__main__":
+    main()
