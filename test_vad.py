@@ -1358,7 +1358,8 @@ def serving(models, **options):
 
 @pytest.fixture
 def server(fitted):
-    with serving({"tiles-padim": fitted["padim"], "tiles-patchcore": fitted["patchcore"]}, max_bytes=200_000) as (_, url):
+    models = {"tiles-padim": fitted["padim"], "tiles-patchcore": fitted["patchcore"]}
+    with serving(models, max_bytes=200_000) as (_, url):
         yield url
 
 
@@ -1568,7 +1569,8 @@ def test_contract_serve_holds_many_slow_connections_on_one_thread(fitted, capsys
     log = capsys.readouterr().err
     dropped = [line for line in log.splitlines() if "dropped" in line]
     assert "Traceback" not in log and len(dropped) == 1  # one summary line, not one per connection
-    assert dropped[0].startswith("dropped 5 connection(s)") and dropped[0].endswith(": 5 dropped for newer ones (over 20 open)")
+    assert dropped[0].startswith("dropped 5 connection(s)")
+    assert dropped[0].endswith(": 5 dropped for newer ones (over 20 open)")
 
 
 def test_contract_serve_reads_a_multipart_body_in_linear_time(fitted, dataset):
@@ -1601,7 +1603,8 @@ def test_contract_serve_refuses_ambiguous_and_malformed_requests_in_json(server)
         assert status == 400 and why in answer["error"]
     for method, path, allow in [("PUT", "/score", "POST"), ("DELETE", "/", "GET, HEAD"),
                                 ("OPTIONS", "/health", "GET, HEAD"), ("HEAD", "/score", "POST")]:
-        status, headers, answer = raw(server, f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        status, headers, answer = raw(server, request.encode())
         assert status == 405 and headers["allow"] == allow and headers["content-type"] == "application/json"
         assert method == "HEAD" or path in answer["error"]
     status, headers, page = raw(server, b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")

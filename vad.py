@@ -2532,7 +2532,7 @@ HEADER_SECONDS = 10.0  # for a request line and headers, from their first byte (
 BODY_SECONDS = 60.0  # for a body, from the end of its headers (20 MiB at about 3 Mbit/s)
 IDLE_SECONDS = 5.0  # a kept-alive connection's wait for its next request
 SEND_SECONDS = 30.0  # for a client to take in its answer
-MAX_CONNECTIONS = 4096  # open at once (fewer under a low open-file limit); then the oldest unfinished request is dropped
+MAX_CONNECTIONS = 4096  # open at once (fewer under a low open-file limit); beyond, the oldest unfinished one goes
 MAX_REQUEST_LINE = 8 * 2**10  # longer gets 414
 MAX_HEADER_BYTES = 32 * 2**10  # request line and headers together; more, or over MAX_HEADERS lines, gets 431
 MAX_HEADERS = 100
@@ -2855,11 +2855,11 @@ class InspectionServer:
         self.socket = socket.create_server(address, family=family, backlog=1024)
         self.socket.setblocking(False)
         self.server_address = self.socket.getsockname()
-        self.hosts = {"localhost", host_name(address[0])} | {host_name(h) for h in allow_hosts}
+        self.hosts = ({"localhost", host_name(address[0])} | {host_name(h) for h in allow_hosts}) - {""}
         files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         files = 2**20 if files == resource.RLIM_INFINITY else files
         self.max_connections = max(1, min(max_connections, files - 64))  # leave files for models, logs, pipes
-        self.workers, self.max_pending = workers, workers + MAX_WAITING
+        self.max_pending = workers + MAX_WAITING
         self.body_budget = max(BODY_BUDGET_BYTES, max_bytes)
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vad-serve")
         self.selector = selectors.DefaultSelector()
@@ -3043,13 +3043,23 @@ class InspectionServer:
             self.dropped.clear()
         self.last_summary = now
 
+    @contextlib.contextmanager
+    def _guard(self, conn):
+        """A bug must cost one connection, not the server: one log line, and it closes."""
+        try:
+            yield
+        except Exception as e:
+            self.log(f"internal error on a connection from {conn.address}: {type(e).__name__}: {e}")
+            self._close(conn)
+
     def _serve(self, conn, events):
-        if events & selectors.EVENT_READ:
-            self._read(conn)
-        if conn.open and events & selectors.EVENT_WRITE:
-            self._send(conn)
-            if conn.open and conn.state == "head":
-                self._advance(conn)
+        with self._guard(conn):
+            if events & selectors.EVENT_READ:
+                self._read(conn)
+            if conn.open and events & selectors.EVENT_WRITE:
+                self._send(conn)
+                if conn.open and conn.state == "head":
+                    self._advance(conn)
 
     def _read(self, conn):
         try:
@@ -3081,10 +3091,10 @@ class InspectionServer:
                     del conn.inbuf[:2]
                     conn.scanned = 0
                 if len(conn.inbuf) > MAX_REQUEST_LINE and conn.inbuf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0:
-                    return self._refuse(conn, HttpError(414, f"request line over {MAX_REQUEST_LINE} bytes"))
+                    return self._refuse_head(conn, 414, f"request line over {MAX_REQUEST_LINE} bytes")
                 end = conn.inbuf.find(b"\r\n\r\n", max(0, conn.scanned - 3))
                 if (end < 0 and len(conn.inbuf) > MAX_HEADER_BYTES) or end > MAX_HEADER_BYTES:
-                    return self._refuse(conn, HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes"))
+                    return self._refuse_head(conn, 431, f"request headers over {MAX_HEADER_BYTES} bytes")
                 if end < 0:
                     conn.scanned = len(conn.inbuf)
                     return
@@ -3185,6 +3195,11 @@ class InspectionServer:
         conn.inbuf.clear()
         self._answer(conn, error.status, _json({"error": error.message}), "application/json", error.headers, True)
 
+    def _refuse_head(self, conn, status, message):
+        """Refuse a request line or headers too long to wait for."""
+        conn.line, conn.request = _printable(bytes(conn.inbuf[:200]).split(b"\r\n", 1)[0]), None
+        self._refuse(conn, HttpError(status, message))
+
     def _submit(self, conn):
         conn.state, conn.deadline = "busy", math.inf
         self._watch(conn, 0)  # until answered: pipelined bytes wait in the socket
@@ -3211,17 +3226,18 @@ class InspectionServer:
             self.pending -= 1
             self._release(conn)
             if conn.open:
-                conn.request.body = b""
-                self._answer(conn, status, body)
-                if conn.open and conn.state == "head":
-                    self._advance(conn)
+                with self._guard(conn):
+                    conn.request.body = b""
+                    self._answer(conn, status, body)
+                    if conn.open and conn.state == "head":
+                        self._advance(conn)
 
     def _headers(self, status, length, content_type, headers, close, version="HTTP/1.1"):
         lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", f"Server: vad/{__version__}",
                  f"Date: {email.utils.formatdate(usegmt=True)}"]
         if status != 100:
-            lines += [f"Content-Type: {content_type}", f"Content-Length: {length}", "Cache-Control: no-store",
-                      "X-Content-Type-Options: nosniff", "X-Frame-Options: DENY"]
+            lines += [f"Content-Type: {content_type}", "Cache-Control: no-store", "X-Content-Type-Options: nosniff",
+                      "X-Frame-Options: DENY"] + ([f"Content-Length: {length}"] if status != 204 else [])
             headers = {"Content-Security-Policy": JSON_CSP, **headers}
             if close:
                 headers["Connection"] = "close"
