@@ -3095,6 +3095,8 @@ class InspectionServer:
                 end = conn.inbuf.find(b"\r\n\r\n", max(0, conn.scanned - 3))
                 if (end < 0 and len(conn.inbuf) > MAX_HEADER_BYTES) or end > MAX_HEADER_BYTES:
                     return self._refuse_head(conn, 431, f"request headers over {MAX_HEADER_BYTES} bytes")
+                if end < 0 and conn.inbuf.find(b"\n\n", max(0, conn.scanned - 1)) >= 0:
+                    return self._refuse_head(conn, 400, "end the request line and headers with CRLF")
                 if end < 0:
                     conn.scanned = len(conn.inbuf)
                     return
