@@ -11,17 +11,23 @@ checked against independent references (scipy, naive loops, hand-computed cases)
 
 import base64
 import concurrent.futures
+import contextlib
+import hashlib
 import io
 import json
 import math
 import os
 import pickle
+import re
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 from pathlib import Path
 
 import numpy as np
@@ -1553,26 +1559,66 @@ def test_contract_bench_warns_about_masks_and_broken_links(dataset, tmp_path):
 # serve: the inspection page and JSON endpoint on a loopback port
 
 
-@pytest.fixture
-def server(fitted):
-    srv = vad.InspectionServer({"tiles-padim": fitted["padim"], "tiles-patchcore": fitted["patchcore"]},
-                               ("127.0.0.1", 0), max_bytes=200_000, quiet=True)
+@contextlib.contextmanager
+def serving(models, **options):
+    """An InspectionServer on a loopback port, run by a thread -> (server, base URL)."""
+    srv = vad.InspectionServer(models, ("127.0.0.1", 0), **{"quiet": True, **options})
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    try:
+        yield srv, f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
-def http(url, data=None, headers=None):
+@pytest.fixture
+def server(fitted):
+    models = {"tiles-padim": fitted["padim"], "tiles-patchcore": fitted["patchcore"]}
+    with serving(models, max_bytes=200_000) as (_, url):
+        yield url
+
+
+def http(url, data=None, headers=None, timeout=30):
     """(status, decoded JSON or text) of a request; errors are answers, not exceptions."""
     request = urllib.request.Request(url, data=data, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=30) as r:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             status, body, kind = r.status, r.read(), r.headers["Content-Type"]
     except urllib.error.HTTPError as e:
         status, body, kind = e.code, e.read(), e.headers["Content-Type"]
     return status, (json.loads(body) if kind == "application/json" else body.decode())
+
+
+def connect(url, timeout=5):
+    return socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=timeout)
+
+
+def read_until_closed(s):
+    chunks = []
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(2**16):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_answer(data):
+    """An HTTP answer's bytes -> (status, headers with lower-case names, JSON or text body)."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    body = body[:int(headers.get("content-length", len(body)))]
+    if headers.get("content-type") == "application/json" and body:
+        return int(lines[0].split()[1]), headers, json.loads(body)
+    return int(lines[0].split()[1]), headers, body.decode()
+
+
+def raw(url, data):
+    """Send bytes as they are (what urllib would never send) and read the answer until
+    the server closes the connection."""
+    with connect(url) as s:
+        s.sendall(data)
+        return parse_answer(read_until_closed(s))
 
 
 def test_serve_page_health_and_models(server, fitted):
@@ -1627,11 +1673,211 @@ def test_serve_concurrent_requests(server, fitted, dataset):
         assert result["score"] == pytest.approx(expected[p], rel=1e-6)
 
 
+def test_serve_keeps_alive_and_answers_pipelined_requests_in_order(server, dataset):
+    image = vad.read_dataset(dataset).test[0].read_bytes()
+    connection = HTTPConnection("127.0.0.1", int(server.rsplit(":", 1)[1]), timeout=10)
+    for method, path, body in [("GET", "/health", None), ("POST", "/score?model=tiles-padim", image),
+                               ("GET", "/nowhere", None), ("GET", "/models", None)]:
+        connection.request(method, path, body)
+        r = connection.getresponse()
+        assert r.status in (200, 404) and json.loads(r.read())
+    first = connection.sock  # one connection for all four
+    assert first is not None and connection.sock is first
+    connection.close()
+    two = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = raw(server, two)
+    assert answer[0] == 200 and answer[2] == {"status": "ok", "models": 2}
+
+
 def test_cli_serve_refuses_duplicate_names(fitted, tmp_path):
     for folder in ("a", "b"):
         vad.save(fitted["padim"], tmp_path / folder / "m.pt")
     r = cli("serve", tmp_path / "a" / "m.pt", tmp_path / "b" / "m.pt")
     assert r.exit_code == 2 and "two models named 'm'" in r.stderr
+
+
+def vm_kib(pid, field):
+    """A process's VmRSS or VmHWM (its peak since the last reset) in KiB."""
+    return int(re.search(rf"^{field}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+def test_contract_serve_overlay_memory_is_bounded(model_file):
+    """Two 25 Mpx overlays at once (73 kB PNGs) cost 3.3 GB each before; drawn at most
+    2048 px on a side, by at most SERVE_WORKERS requests at once, they stay under 1.5 GiB."""
+    server = subprocess.Popen([sys.executable, vad.__file__, "serve", model_file, "--port", "0", "-q"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        image = Image.new("RGB", (5000, 5000), (120, 120, 120))
+        image.paste((220, 60, 40), (2000, 2000, 2600, 2300))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        url = re.search(r"http://[\d.]+:\d+", server.stderr.readline()).group(0)
+        Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # VmHWM from here on
+        idle = vm_kib(server.pid, "VmRSS")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: http(url + "/score?overlay=1", buffer.getvalue(), timeout=60), range(2)))
+        peak = vm_kib(server.pid, "VmHWM")
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert (peak - idle) * 1024 < 1.5 * 2**30
+    for status, result in answers:
+        assert status == 200
+        assert Image.open(io.BytesIO(base64.b64decode(result["overlay"].split(",", 1)[1]))).size == (2048, 2048)
+
+
+def test_contract_serve_deadlines_cut_off_slow_and_idle_connections(fitted):
+    with serving({"m": fitted["padim"]}) as (srv, url):
+        srv.header_seconds = srv.body_seconds = srv.idle_seconds = 0.5
+        silent, short_body, idle, trickle = (connect(url) for _ in range(4))
+        short_body.sendall(b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+
+        def drip():  # a byte every 0.1 s: in time for any per-read timeout, never a whole request
+            with contextlib.suppress(OSError):
+                for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 50:
+                    trickle.send(bytes([byte]))
+                    time.sleep(0.1)
+        dripping = threading.Thread(target=drip)
+        start = time.monotonic()
+        dripping.start()
+        answers = {name: read_until_closed(s) for name, s in
+                   [("silent", silent), ("short_body", short_body), ("idle", idle), ("trickle", trickle)]}
+        elapsed = time.monotonic() - start
+        dripping.join()
+    assert answers["silent"] == b""
+    assert parse_answer(answers["short_body"])[0] == 408
+    assert parse_answer(answers["idle"])[:1] == (200,)  # answered, then closed once idle
+    assert parse_answer(answers["trickle"])[0] == 408
+    assert elapsed < 2.5
+
+
+def test_contract_serve_holds_many_slow_connections_on_one_thread(fitted, capsys):
+    vad.raise_open_file_limit()
+    partial = b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    with serving({"m": fitted["padim"]}) as (srv, url):
+        threads = threading.active_count()
+        slow = [connect(url) for _ in range(500)]
+        for s in slow:
+            s.sendall(partial)
+        start = time.monotonic()
+        status = http(url + "/health", timeout=5)[0]
+        took = time.monotonic() - start
+        assert status == 200 and took < 1
+        assert threading.active_count() <= threads + vad.SERVE_WORKERS
+        for s in slow:
+            s.close()
+    # Over the cap, the oldest connection still sending its request makes room: 20 are
+    # open, /health takes the place of the first (and gives it up), 5 more that of 4 more.
+    with serving({"m": fitted["padim"]}, max_connections=20, quiet=False) as (srv, url):
+        first = [connect(url, timeout=1) for _ in range(20)]
+        for s in first:
+            s.sendall(partial)
+        assert http(url + "/health")[0] == 200
+        later = [connect(url) for _ in range(5)]
+        assert all(read_until_closed(s) == b"" for s in first[:5])
+        first[5].settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            first[5].recv(1)
+    for s in first + later:
+        s.close()
+    log = capsys.readouterr().err
+    dropped = [line for line in log.splitlines() if "dropped" in line]
+    assert "Traceback" not in log and len(dropped) == 1  # one summary line, not one per connection
+    assert dropped[0].startswith("dropped 5 connection(s)")
+    assert dropped[0].endswith(": 5 dropped for newer ones (over 20 open)")
+
+
+def test_contract_serve_reads_a_multipart_body_in_linear_time(fitted, dataset):
+    image = vad.read_dataset(dataset).test[0].read_bytes()
+
+    def form(fields, then_image=True):
+        parts = [b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i for i in range(fields)]
+        if then_image:
+            parts.append(b'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\n' + image + b"\r\n")
+        return b"".join(parts) + b"--b--\r\n"
+    multipart = {"Content-Type": 'multipart/form-data; boundary="b"'}
+    with serving({"m": fitted["padim"]}, max_bytes=16 * 2**20) as (srv, url):
+        start = time.monotonic()
+        status, answer = http(url + "/score", form(100_000), multipart, timeout=10)
+        took = time.monotonic() - start
+        assert status == 400 and "first 100 parts" in answer["error"] and took < 2
+        assert http(url + "/score", form(99), multipart)[0] == 200  # the image as the 100th part
+        assert http(url + "/score", form(3, then_image=False), multipart)[0] == 400
+        status, answer = http(url + "/score", form(3), {"Content-Type": "multipart/form-data"})
+        assert status == 400 and "boundary" in answer["error"]
+
+
+def test_contract_serve_refuses_ambiguous_and_malformed_requests_in_json(server):
+    start = b"POST /score?model=tiles-padim HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    for framing, why in [(b"Content-Length: 5\r\nContent-Length: 5\r\n", "more than one Content-Length"),
+                         (b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", "Transfer-Encoding and Content"),
+                         ("Content-Length: ²\r\n".encode(), "ASCII digits"),
+                         (b" Content-Length: 5\r\n", "malformed header")]:
+        status, headers, answer = raw(server, start + framing + b"\r\nhello")
+        assert status == 400 and why in answer["error"]
+    for method, path, allow in [("PUT", "/score", "POST"), ("DELETE", "/", "GET, HEAD"),
+                                ("OPTIONS", "/health", "GET, HEAD"), ("HEAD", "/score", "POST")]:
+        request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        status, headers, answer = raw(server, request.encode())
+        assert status == 405 and headers["allow"] == allow and headers["content-type"] == "application/json"
+        assert method == "HEAD" or path in answer["error"]
+    status, headers, page = raw(server, b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert status == 200 and page == "" and int(headers["content-length"]) > 1000
+    status, _, answer = raw(server, b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert status == 414 and "request line" in answer["error"]
+    status, _, answer = raw(server, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")
+    assert status == 431 and "headers" in answer["error"]
+    status, result = http(server + "/score?model=tiles-padim", b"this is not an image")
+    assert status == 400 and "cannot read image" in result["error"] and " at 0x" not in result["error"]
+
+
+def test_contract_serve_client_that_closes_early_leaves_no_traceback(fitted, dataset, capsys):
+    image = vad.read_dataset(dataset).test[0].read_bytes()
+    head = b"POST /score?overlay=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(image)
+    with serving({"m": fitted["padim"]}, quiet=False) as (srv, url):
+        cut = connect(url)  # half its body, then a reset
+        cut.sendall(head + image[:len(image) // 2])
+        cut.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        cut.close()
+        gone = connect(url)  # a whole request, gone before the answer
+        gone.sendall(head + image)
+        gone.close()
+        connect(url).close()
+        time.sleep(0.3)
+        assert http(url + "/score", image)[0] == 200
+        time.sleep(0.2)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_contract_serve_sends_security_headers_and_refuses_other_hosts(server, fitted, model_file, monkeypatch):
+    status, headers, page = raw(server, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    policy = dict(d.strip().split(" ", 1) for d in headers["content-security-policy"].split(";"))
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert policy["default-src"] == "'none'" and policy["script-src"] == f"'sha256-{digest}'"
+    assert policy["img-src"] == "data:" and policy["connect-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+    assert "unsafe" not in headers["content-security-policy"]
+    for request in [b"GET /health HTTP/1.1\r\n", b"GET /nowhere HTTP/1.1\r\n", b"PUT / HTTP/1.1\r\n",
+                    b"POST /score?model=tiles-padim HTTP/1.1\r\nContent-Length: 3\r\n"]:
+        status, headers, _ = raw(server, request + b"Host: 127.0.0.1\r\nConnection: close\r\n\r\nabc")
+        assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
+    for host in ["localhost:8000", "LOCALHOST.", "127.0.0.1", "[::1]:8000", "10.1.2.3:8000"]:
+        assert http(server + "/health", headers={"Host": host})[0] == 200
+    for host in ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "inspect.lan"]:
+        status, answer = http(server + "/health", headers={"Host": host})
+        assert status == 421 and "--allow-host" in answer["error"]
+    with serving({"m": fitted["padim"]}, allow_hosts=["Inspect.LAN"]) as (_, url):
+        assert http(url + "/health", headers={"Host": "inspect.lan:8000"})[0] == 200
+    seen = {}
+
+    class Recorder(vad.InspectionServer):
+        def serve_forever(self):
+            seen["hosts"] = self.hosts
+    monkeypatch.setattr(vad, "InspectionServer", Recorder)
+    r = cli("serve", model_file, "--port", "0", "--allow-host", "inspect.lan", "--allow-host", "Other.Lan")
+    assert r.exit_code == 0 and {"inspect.lan", "other.lan"} <= seen["hosts"]
 
 # -----------------------------------------------------------------------------
 # GPU (skipped without CUDA)

@@ -74,22 +74,25 @@ References:
 
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
-import email.parser
-import email.policy
+import email.utils
 import functools
 import glob
 import hashlib
-import http.server
+import http
 import io
 import json
 import math
 import os
 import platform
 import queue
+import re
 import resource
+import selectors
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -1977,31 +1980,50 @@ def read_mask(path, framing):
     return torch.from_numpy(_paste(np.zeros(frame, dtype=bool), np.asarray(mask) > 0, top, left))
 
 
-def map_to_source(anomaly_map, source_size, framing):
+def fit_within(size, max_side):
+    """(H, W) scaled down, aspect kept, so that no side is over max_side; as it is if it fits."""
+    H, W = size
+    if max(H, W) <= max_side:
+        return (H, W)
+    s = max_side / max(H, W)
+    return max(1, round(H * s)), max(1, round(W * s))
+
+
+def map_to_source(anomaly_map, source_size, framing, size=None):
     """An anomaly map over the frame (H, W) -> the same map at the image's own size
-    source_size = (H0, W0), undoing the framing: NaN where crop cut the image away."""
+    source_size = (H0, W0), undoing the framing: NaN where crop cut the image away.
+    size: the map at that size instead (the image scaled down, as for an overlay),
+    computed there directly rather than shrunk from a full-size map."""
     framing = as_framing(framing)
-    (H0, W0) = source_size = tuple(source_size)
+    source_size = tuple(source_size)
+    (H1, W1) = size = tuple(size) if size else source_size
     frame = framing.size or source_size
-    if source_size == tuple(frame):  # every resize mode is the identity then
+    if source_size == tuple(frame) == size:  # every resize mode is the identity then
         return np.asarray(anomaly_map, dtype=np.float32)
     m = torch.as_tensor(anomaly_map, dtype=torch.float32)
     h, w, top, left = placement(source_size, frame, framing.resize)
     t, l, b, r = valid_box(source_size, frame, framing.resize)
     # The covered part of the frame corresponds to this part of the resized image ...
     part = m[t:b, l:r]
-    # ... which, scaled by (H0 / h, W0 / w), is this part of the source image.
-    y0, y1 = round((t - top) * H0 / h), round((b - top) * H0 / h)
-    x0, x1 = round((l - left) * W0 / w), round((r - left) * W0 / w)
-    out = torch.full(source_size, float("nan"))
+    # ... which, scaled by (H1 / h, W1 / w), is this part of the image at the output size.
+    y0, y1 = round((t - top) * H1 / h), round((b - top) * H1 / h)
+    x0, x1 = round((l - left) * W1 / w), round((r - left) * W1 / w)
+    out = torch.full(size, float("nan"))
     out[y0:y1, x0:x1] = F.interpolate(part[None, None], size=(y1 - y0, x1 - x0), mode="bilinear",
                                       align_corners=False)[0, 0]
     return out.numpy()
 
 
-def read_source(source):
-    """Image file or bytes -> (3, H0, W0) in [0, 1] at its own size (for heat maps)."""
-    return torch.from_numpy(_to_array(_decoded(source)))
+def read_source(source, max_side=None):
+    """Image file or bytes -> (3, H0, W0) in [0, 1] at its own size (for heat maps), or
+    scaled down to fit_within max_side: by Pillow, on the decoded bytes, before it
+    becomes floats four times their size."""
+    image = _decoded(source)
+    if max_side:
+        h, w = fit_within((image.height, image.width), max_side)
+        if (h, w) != (image.height, image.width):
+            image = image.resize((w, h), Image.BILINEAR, reducing_gap=3.0)  # a box pre-reduction, then bilinear
+    return torch.from_numpy(_to_array(image))
 
 
 @dataclass
@@ -2690,17 +2712,43 @@ def overlay(image, anomaly_map, low, pixel_threshold):
 
 
 def heatmap_png(detector, source, anomaly_map):
-    """The PNG file bytes of an image (path or bytes) with its map at its own size
-    (map_to_source) overlaid, on the colour scale of the detector's normal maps."""
-    rgb = overlay(read_source(source), anomaly_map, float(detector.map_low), float(detector.pixel_threshold))
+    """The PNG file bytes of an image (path or bytes) with its map overlaid, on the
+    colour scale of the detector's normal maps. The map is at the image's own size
+    (map_to_source), or at that size scaled down with fit_within: the image is then
+    drawn at the map's size."""
+    image = read_source(source, max_side=max(anomaly_map.shape))
+    rgb = overlay(image, anomaly_map, float(detector.map_low), float(detector.pixel_threshold))
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return buffer.getvalue()
 
 # -----------------------------------------------------------------------------
 # Serving: the report's upload-and-inspect page (ch. 6) and a JSON endpoint, standard library only
+#
+# One I/O thread holds every connection and reads it without blocking (selectors), so a
+# slow or silent client costs a socket and a few kilobytes, never a thread. It answers
+# the page, /health, /models and every error itself, and hands each complete /score
+# request to a small pool of workers: decoding, scoring and drawing then run at most
+# SERVE_WORKERS at a time, which is what bounds the server's memory. Every stage of a
+# request has a total deadline, so a client that sends a byte every few seconds is cut
+# off as surely as a silent one.
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # per request; larger bodies get 413
+HEADER_SECONDS = 10.0  # for a request line and headers, from their first byte (a new connection: from the connect)
+BODY_SECONDS = 60.0  # for a body, from the end of its headers (20 MiB at about 3 Mbit/s)
+IDLE_SECONDS = 5.0  # a kept-alive connection's wait for its next request
+SEND_SECONDS = 30.0  # for a client to take in its answer
+MAX_CONNECTIONS = 4096  # open at once (fewer under a low open-file limit); beyond, the oldest unfinished one goes
+MAX_REQUEST_LINE = 8 * 2**10  # longer gets 414
+MAX_HEADER_BYTES = 32 * 2**10  # request line and headers together; more, or over MAX_HEADERS lines, gets 431
+MAX_HEADERS = 100
+MAX_PARTS = 100  # multipart form parts looked through for the image
+MAX_PART_HEADER_BYTES = 8 * 2**10
+SERVE_WORKERS = 2  # requests decoded, scored and drawn at once; inference itself is one at a time
+MAX_WAITING = 64  # complete requests queued for a worker; more get 503
+BODY_BUDGET_BYTES = 256 * 2**20  # bodies held at once, arriving or queued (at least one --max-bytes body); more get 503
+MAX_OVERLAY_SIDE = 2048  # an overlay's long side: larger images are drawn scaled down
+LOG_SECONDS = 10.0  # dropped connections are logged as one summary line per interval
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vad: inspect an image</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -2773,6 +2821,19 @@ drop.ondrop = e => {
 """
 
 
+def _inline_source(page, tag):
+    """The CSP source that allows the page's one inline <tag> block and nothing else:
+    its SHA-256 (CSP Level 2), so no injected script can run."""
+    block = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+    return "'sha256-" + base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() + "'"
+
+
+PAGE_CSP = (f"default-src 'none'; script-src {_inline_source(PAGE, 'script')}; "
+            f"style-src {_inline_source(PAGE, 'style')}; img-src data:; connect-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+JSON_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
 def describe(name, detector):
     f = detector.framing
     return {"name": name, "detector": detector.name, "backbone": getattr(detector.config, "backbone", "-"),
@@ -2780,32 +2841,250 @@ def describe(name, detector):
             "threshold": float(detector.threshold)}
 
 
-def _multipart_file(body, content_type):
-    """The first file (or field named image/file) of a multipart/form-data body, or None."""
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
+class HttpError(Exception):
+    """An answer other than 200: the status, the message of its JSON body, extra headers;
+    close: the connection cannot carry another request after it."""
+
+    def __init__(self, status, message, headers=None, close=False):
+        super().__init__(message)
+        self.status, self.message, self.headers, self.close = status, message, headers or {}, close
+
+
+def public_message(message):
+    """An error message with object reprs (`<_io.BytesIO object at 0x...>`, which
+    Pillow puts in some) taken out: they say nothing to a client about its upload."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", message)
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: methods, header names, parameters
+_PARAMETER = re.compile(r';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
+
+
+def header_parameters(value):
+    """The parameters of a header such as `form-data; name="image"; filename="a.png"`
+    -> {lower-case name: value}, quotes undone; the first of repeated ones counts."""
+    parameters = {}
+    for name, v in _PARAMETER.findall(value):
+        if v.startswith('"'):
+            v = re.sub(r"\\(.)", r"\1", v[1:-1])
+        parameters.setdefault(name.lower(), v)
+    return parameters
+
+
+def _is_image_part(head):
+    """Whether a multipart part, by its headers, is the image: a file, or a field named
+    image or file."""
+    for line in head.decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-disposition":
+            p = header_parameters(value)
+            return bool(p.get("filename") or p.get("filename*")) or p.get("name") in ("image", "file")
+    return False
+
+
+def multipart_file(body, content_type):
+    """The first file (or field named image or file) of a multipart/form-data body, or None.
+
+    One pass from delimiter to delimiter with bytes.find (RFC 7578, RFC 2046 sec. 5.1.1),
+    so the time is linear in the body; a generic MIME parser builds an object per part
+    and takes minutes over a body of tiny ones. At most MAX_PARTS parts and
+    MAX_PART_HEADER_BYTES of headers per part are looked at."""
+    boundary = header_parameters(content_type).get("boundary", "")
+    if not 1 <= len(boundary) <= 70:  # RFC 2046's limit
+        raise HttpError(400, "multipart form without a boundary of 1 to 70 characters")
+    delimiter = b"--" + boundary.encode("latin-1")
+    start = body.find(delimiter)
+    if start < 0:
         return None
-    for part in message.iter_parts():
-        if part.get_filename() or part.get_param("name", header="content-disposition") in ("image", "file"):
-            return part.get_payload(decode=True)
-    return None
+    at = start + len(delimiter)
+    for _ in range(MAX_PARTS):
+        if body.startswith(b"--", at):  # the closing delimiter
+            return None
+        line_end = body.find(b"\r\n", at, at + 256)  # after a delimiter: optional padding, then CRLF
+        head_end = body.find(b"\r\n\r\n", line_end, line_end + MAX_PART_HEADER_BYTES) if line_end >= 0 else -1
+        end = body.find(b"\r\n" + delimiter, head_end + 4) if head_end >= 0 else -1
+        if end < 0:
+            raise HttpError(400, f"malformed multipart form (or a part's headers over {MAX_PART_HEADER_BYTES} bytes)")
+        if _is_image_part(body[line_end + 2: head_end]):
+            return body[head_end + 4: end]
+        at = end + 2 + len(delimiter)
+    raise HttpError(400, f"no file among the first {MAX_PARTS} parts of the multipart form")
 
 
-class InspectionServer(http.server.ThreadingHTTPServer):
-    """Threaded HTTP server holding the loaded models. Inference is serialized by one
-    lock: torch already spreads one forward pass over every core."""
-    daemon_threads = True
-    request_queue_size = 128  # socketserver's 5 overflows under a burst of uploads while the cores are busy
+@dataclass
+class Request:
+    """A request's line and headers as read, and, once it has arrived, its body."""
+    method: str
+    target: str
+    version: str
+    headers: list  # (lower-case name, value), in order: a repeated header must be seen as repeated
+    body: bytes = b""
+
+    def all(self, name):
+        return [v for n, v in self.headers if n == name]
+
+    def header(self, name, default=""):
+        values = self.all(name)
+        return values[0] if values else default
+
+    @property
+    def path(self):
+        return urllib.parse.urlsplit(self.target).path
+
+    @property
+    def query(self):
+        return urllib.parse.parse_qs(urllib.parse.urlsplit(self.target).query)
+
+    @property
+    def keep_alive(self):
+        tokens = {t.strip().lower() for v in self.all("connection") for t in v.split(",")}
+        return "close" not in tokens and (self.version == "HTTP/1.1" or "keep-alive" in tokens)
+
+
+def parse_head(head):
+    """A request line and its headers (bytes, without the blank line) -> Request.
+    Anything a proxy in front might read differently is refused (HttpError): folded or
+    malformed header lines, control characters, versions other than HTTP/1.0 and 1.1."""
+    lines = head.split(b"\r\n")
+    if len(lines[0]) > MAX_REQUEST_LINE:
+        raise HttpError(414, f"request line over {MAX_REQUEST_LINE} bytes", close=True)
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpError(431, f"over {MAX_HEADERS} header lines", close=True)
+    parts = lines[0].decode("latin-1").split(" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1].startswith("/") \
+            or any(ord(c) < 0x21 or ord(c) == 0x7f for c in parts[1]):
+        raise HttpError(400, "malformed request line", close=True)
+    method, target, version = parts
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise HttpError(505 if version.startswith("HTTP/") else 400, f"{version[:20]!r}: vad speaks HTTP/1.1",
+                        close=True)
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon or not _TOKEN.fullmatch(name) or any(c in value for c in "\r\n\0"):
+            raise HttpError(400, "malformed header line", close=True)
+        headers.append((name.lower(), value.strip(" \t")))
+    return Request(method, target, version, headers)
+
+
+def body_length(request):
+    """The body's declared length, or None without one. Ambiguous framing, which a
+    proxy and this server could each read their own way (request smuggling), is refused:
+    two Content-Lengths, Transfer-Encoding beside one, anything but ASCII digits."""
+    lengths, codings = request.all("content-length"), request.all("transfer-encoding")
+    if codings and lengths:
+        raise HttpError(400, "Transfer-Encoding and Content-Length together: send one Content-Length", close=True)
+    if codings:
+        raise HttpError(411, "chunked uploads are not supported: send the image with a Content-Length header",
+                        close=True)
+    if len(lengths) > 1:
+        raise HttpError(400, "more than one Content-Length header", close=True)
+    if not lengths:
+        return None
+    if not (lengths[0].isascii() and lengths[0].isdigit()) or len(lengths[0]) > 18:
+        raise HttpError(400, "Content-Length must be ASCII digits", close=True)
+    return int(lengths[0])
+
+
+def host_name(value):
+    """A Host header -> the host, lower-case, without port, brackets or a trailing dot."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0].rstrip(".") if value.count(":") == 1 else value.rstrip(".")
+
+
+def is_ip_literal(host):
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def raise_open_file_limit():
+    """Lift this process's soft limit on open files to its hard limit (every connection
+    is an open file); returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 2**16
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):  # some systems cap the soft limit below the hard one
+            pass
+    return soft
+
+
+def _json(obj):
+    return json.dumps(obj).encode()
+
+
+def _printable(data, limit=200):
+    """Bytes from a client as a log-safe line: no control characters, at most `limit` long."""
+    text = data[:limit].decode("latin-1")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+class Connection:
+    """One client connection as the I/O thread sees it.
+
+    state: head (waiting for a request line and headers), body (for the body), busy (a
+    worker has the request), send (answering). fresh: no byte of the next request yet.
+    drain: bytes of an answered request's body still to be read and dropped, so the
+    client, which sends its whole body before it reads, gets to read the answer."""
+    __slots__ = ("sock", "address", "state", "deadline", "inbuf", "scanned", "fresh", "served", "request",
+                 "line", "length", "reserved", "out", "sent", "closing", "drain", "events", "open")
+
+    def __init__(self, sock, address, deadline):
+        self.sock, self.address, self.state, self.deadline = sock, address, "head", deadline
+        self.inbuf, self.scanned, self.fresh, self.served = bytearray(), 0, True, 0
+        self.request, self.line, self.length, self.reserved = None, "-", 0, 0
+        self.out, self.sent, self.closing, self.drain, self.events, self.open = b"", 0, False, 0, 0, True
+
+
+class InspectionServer:
+    """The HTTP server holding the loaded models (see the section's opening comment).
+    Inference is serialized by one lock: torch already spreads one forward pass over
+    every core. serve_forever, shutdown, server_close and server_address work as in
+    socketserver; the deadlines are attributes that tests may shorten."""
 
     def __init__(self, models, address=("127.0.0.1", 8000), max_bytes=MAX_UPLOAD_BYTES, quiet=False,
-                 batch_size=BATCH_SIZE):
+                 batch_size=BATCH_SIZE, allow_hosts=(), workers=SERVE_WORKERS, max_connections=MAX_CONNECTIONS):
         self.models, self.max_bytes, self.quiet, self.batch_size = dict(models), max_bytes, quiet, batch_size
         self.lock = threading.Lock()
-        super().__init__(address, InspectionHandler)
+        self.header_seconds, self.body_seconds = HEADER_SECONDS, BODY_SECONDS
+        self.idle_seconds, self.send_seconds = IDLE_SECONDS, SEND_SECONDS
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.socket = socket.create_server(address, family=family, backlog=1024)
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+        self.hosts = ({"localhost", host_name(address[0])} | {host_name(h) for h in allow_hosts}) - {""}
+        files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        files = 2**20 if files == resource.RLIM_INFINITY else files
+        self.max_connections = max(1, min(max_connections, files - 64))  # leave files for models, logs, pipes
+        self.max_pending = workers + MAX_WAITING
+        self.body_budget = max(BODY_BUDGET_BYTES, max_bytes)
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vad-serve")
+        self.selector = selectors.DefaultSelector()
+        self.wake_in, self.wake_out = socket.socketpair()
+        self.wake_in.setblocking(False)
+        self.wake_out.setblocking(False)
+        self.connections = {}  # Connection -> None: an ordered set, oldest first
+        self.finished = collections.deque()  # (Connection, status, body) from the workers
+        self.pending = self.reserved = 0  # requests with a worker or queued; their declared body bytes
+        self.dropped = collections.Counter()  # why -> connections dropped since the last summary line
+        self.last_summary = time.monotonic()
+        self.stopping, self.stopped = False, threading.Event()
+        self.stopped.set()
+
+    # -- the model work, on a worker --------------------------------------------------
 
     def inspect(self, name, data, with_overlay=False):
-        """Score image bytes with model `name` -> the JSON-ready result."""
+        """Score image bytes with model `name` -> the JSON-ready result. The overlay is
+        drawn at most MAX_OVERLAY_SIDE on its long side, its map computed at that size."""
         detector = self.models[name]
         with self.lock:
             r = next(score_files(detector, [data], self.batch_size, desc=None))
@@ -2813,83 +3092,407 @@ class InspectionServer(http.server.ThreadingHTTPServer):
             raise VadError(r.error)
         result = {"model": name, "score": r.score, "threshold": r.threshold, "verdict": r.verdict}
         if with_overlay:
-            png = heatmap_png(detector, data, map_to_source(r.anomaly_map, r.source_size, detector.framing))
+            size = fit_within(r.source_size, MAX_OVERLAY_SIDE)
+            png = heatmap_png(detector, data, map_to_source(r.anomaly_map, r.source_size, detector.framing, size))
             result["overlay"] = "data:image/png;base64," + base64.b64encode(png).decode()
         return result
 
-
-class InspectionHandler(http.server.BaseHTTPRequestHandler):
-    server_version = f"vad/{__version__}"
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format, *args):
-        if not self.server.quiet:
-            super().log_message(format, *args)
-
-    def _send(self, status, body, content_type):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status, obj):
-        self._send(status, json.dumps(obj).encode(), "application/json")
-
-    def do_GET(self):
-        path = urllib.parse.urlsplit(self.path).path
-        if path == "/":
-            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-        elif path == "/health":
-            self._json(200, {"status": "ok", "models": len(self.server.models)})
-        elif path == "/models":
-            self._json(200, [describe(name, d) for name, d in self.server.models.items()])
-        elif path == "/favicon.ico":
-            self._send(204, b"", "image/x-icon")
-        else:
-            self._json(404, {"error": f"no page {path}: try /, /models, /health or POST /score"})
-
-    def do_POST(self):
+    def _work(self, request, name):
+        """A complete /score request -> (status, JSON body). Never raises: a bug answers
+        500 and leaves one line in the log."""
         try:
-            self._score()
-        except Exception as e:  # a bug must not take the server down: answer and go on
-            self.close_connection = True
-            self._json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
-
-    def _score(self):
-        url = urllib.parse.urlsplit(self.path)
-        query = urllib.parse.parse_qs(url.query)
-        models = self.server.models
-        if url.path != "/score":
-            return self._json(404, {"error": f"no endpoint {url.path}: POST image bytes to /score?model=NAME"})
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            return self._json(411, {"error": "send the image with a Content-Length header"})
-        length = int(length)
-        if length > self.server.max_bytes:
-            if length <= 8 * self.server.max_bytes:  # drain it, so the client reads our answer
-                for _ in range(0, length, 2**20):
-                    self.rfile.read(min(2**20, length))
-                    length -= 2**20
-            self.close_connection = True
-            return self._json(413, {"error": f"body over the {self.server.max_bytes} byte limit"})
-        body = self.rfile.read(length)
-        name = query.get("model", [next(iter(models)) if len(models) == 1 else ""])[0]
-        if name not in models:
-            return self._json(404, {"error": f"unknown model {name!r}; models: {', '.join(models)}"})
-        content_type = self.headers.get("Content-Type", "")
-        if content_type.startswith("multipart/form-data"):
-            body = _multipart_file(body, content_type)
-            if body is None:
-                return self._json(400, {"error": "no file in the multipart form"})
-        with_overlay = query.get("overlay", ["0"])[0].lower() in ("1", "true", "yes")
-        try:
-            result = self.server.inspect(name, body, with_overlay)
+            body = request.body
+            content_type = request.header("content-type")
+            if content_type.lower().startswith("multipart/form-data"):
+                body = multipart_file(body, content_type)
+                if body is None:
+                    raise HttpError(400, "no file in the multipart form")
+            with_overlay = request.query.get("overlay", ["0"])[0].lower() in ("1", "true", "yes")
+            return 200, _json(self.inspect(name, body, with_overlay))
+        except HttpError as e:
+            return e.status, _json({"error": e.message})
         except VadError as e:
-            return self._json(400, {"error": str(e)})
-        self._json(200, result)
+            return 400, _json({"error": public_message(str(e))})
+        except Exception as e:  # a bug (or MemoryError) must not take the server down: answer and go on
+            self.log(f"internal error on {request.method} {_printable(request.target.encode('latin-1'))}: "
+                     f"{type(e).__name__}: {e}")
+            return 500, _json({"error": f"internal error ({type(e).__name__}); the server's log has the details"})
+
+    # -- the I/O thread ---------------------------------------------------------------
+
+    def serve_forever(self, poll_interval=0.25):
+        """Run the I/O thread's loop until shutdown(); deadlines are checked every
+        poll_interval seconds."""
+        self.stopping = False
+        self.stopped.clear()
+        self.selector.register(self.socket, selectors.EVENT_READ, self._accept)
+        self.selector.register(self.wake_out, selectors.EVENT_READ, self._collect)
+        try:
+            next_sweep = 0.0
+            while not self.stopping:
+                for key, events in self.selector.select(poll_interval):
+                    if isinstance(key.data, Connection):
+                        self._serve(key.data, events)
+                    else:
+                        key.data()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + poll_interval
+        finally:
+            self.selector.unregister(self.socket)
+            self.selector.unregister(self.wake_out)
+            self._summarize(time.monotonic())
+            self.stopped.set()
+
+    def shutdown(self):
+        """Stop serve_forever (from another thread) and wait until it has returned."""
+        self.stopping = True
+        self._wake()
+        self.stopped.wait()
+
+    def server_close(self):
+        for conn in list(self.connections):
+            self._close(conn)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for s in (self.socket, self.wake_in, self.wake_out):
+            s.close()
+        self.selector.close()
+
+    def log(self, line):
+        if not self.quiet:
+            try:
+                print(line, file=sys.stderr, flush=True)
+            except (OSError, ValueError):  # stderr gone: serving matters more than the log
+                pass
+
+    def _wake(self):
+        try:
+            self.wake_in.send(b"\0")
+        except OSError:  # full: the loop is already due to wake
+            pass
+
+    def _watch(self, conn, events):
+        """Have the selector report `events` for conn (0: nothing, while a worker has it)."""
+        if events == conn.events:
+            return
+        if not conn.events:
+            self.selector.register(conn.sock, events, conn)
+        elif not events:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _close(self, conn):
+        if not conn.open:
+            return
+        self._watch(conn, 0)
+        conn.sock.close()
+        conn.open = False
+        self.connections.pop(conn, None)
+        if conn.state == "body":
+            self._release(conn)
+
+    def _release(self, conn):
+        self.reserved -= conn.reserved
+        conn.reserved = 0
+
+    def _accept(self):
+        for _ in range(64):  # then let the connections already open have their turn
+            try:
+                sock, address = self.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError:  # out of files: make room for the next one
+                self._evict()
+                return
+            sock.setblocking(False)
+            if len(self.connections) >= self.max_connections and not self._evict():
+                self.dropped["refused while full"] += 1
+                self._try_send(sock, 503, "too many connections: try again in a moment")
+                sock.close()
+                continue
+            conn = Connection(sock, address[0], time.monotonic() + self.header_seconds)
+            self.connections[conn] = None
+            self._watch(conn, selectors.EVENT_READ)
+
+    def _evict(self):
+        """Close the oldest connection whose request is unfinished, to make room; 1 if
+        there was one, else 0."""
+        victim = next((c for c in self.connections if c.state in ("head", "body")), None)
+        if victim is None:
+            return 0
+        self.dropped[f"dropped for newer ones (over {self.max_connections} open)"] += 1
+        self._close(victim)
+        return 1
+
+    def _sweep(self, now):
+        """Close the connections past their deadline: a request left unfinished is told
+        so (408, best effort); a kept-alive connection left idle is simply closed."""
+        for conn in [c for c in self.connections if c.deadline <= now]:
+            if not (conn.state == "head" and conn.fresh and conn.served):
+                self.dropped["timed out"] += 1
+                if conn.state in ("head", "body") and not conn.fresh:
+                    self._try_send(conn.sock, 408, "request not received in time")
+            self._close(conn)
+        if now >= self.last_summary + LOG_SECONDS:
+            self._summarize(now)
+
+    def _summarize(self, now):
+        """One log line for the connections dropped since the last one, not one each: a
+        flood of them must not become a flood of log lines."""
+        if self.dropped:
+            counts = ", ".join(f"{n} {why}" for why, n in self.dropped.items())
+            self.log(f"dropped {sum(self.dropped.values())} connection(s) in the last "
+                     f"{now - self.last_summary:.0f} s: {counts}")
+            self.dropped.clear()
+        self.last_summary = now
+
+    @contextlib.contextmanager
+    def _guard(self, conn):
+        """A bug must cost one connection, not the server: one log line, and it closes."""
+        try:
+            yield
+        except Exception as e:
+            self.log(f"internal error on a connection from {conn.address}: {type(e).__name__}: {e}")
+            self._close(conn)
+
+    def _serve(self, conn, events):
+        with self._guard(conn):
+            if events & selectors.EVENT_READ:
+                self._read(conn)
+            if conn.open and events & selectors.EVENT_WRITE:
+                self._send(conn)
+                if conn.open and conn.state == "head":
+                    self._advance(conn)
+
+    def _read(self, conn):
+        try:
+            data = conn.sock.recv(2**18)
+        except BlockingIOError:
+            return
+        except OSError:  # reset by the client
+            data = b""
+        if not data:  # the client has gone
+            if conn.state == "body" or (conn.state == "head" and not conn.fresh):
+                self.dropped["closed by the client mid-request"] += 1
+            return self._close(conn)
+        if conn.state == "send":  # an answered request's body, read only to be dropped
+            conn.drain = max(0, conn.drain - len(data))
+            if not conn.drain and conn.sent == len(conn.out):
+                self._close(conn)
+            return
+        if conn.fresh:
+            conn.fresh, conn.deadline = False, time.monotonic() + self.header_seconds
+        conn.inbuf += data
+        self._advance(conn)
+
+    def _advance(self, conn):
+        """Take as many requests out of conn.inbuf as are complete: pipelined ones one
+        after another, while each is answered at once."""
+        while conn.open:
+            if conn.state == "head":
+                while conn.inbuf.startswith(b"\r\n"):  # RFC 9112 sec. 2.2: blank lines before a request
+                    del conn.inbuf[:2]
+                    conn.scanned = 0
+                if len(conn.inbuf) > MAX_REQUEST_LINE and conn.inbuf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0:
+                    return self._refuse_head(conn, 414, f"request line over {MAX_REQUEST_LINE} bytes")
+                end = conn.inbuf.find(b"\r\n\r\n", max(0, conn.scanned - 3))
+                if (end < 0 and len(conn.inbuf) > MAX_HEADER_BYTES) or end > MAX_HEADER_BYTES:
+                    return self._refuse_head(conn, 431, f"request headers over {MAX_HEADER_BYTES} bytes")
+                if end < 0 and conn.inbuf.find(b"\n\n", max(0, conn.scanned - 1)) >= 0:
+                    return self._refuse_head(conn, 400, "end the request line and headers with CRLF")
+                if end < 0:
+                    conn.scanned = len(conn.inbuf)
+                    return
+                head = bytes(conn.inbuf[:end])
+                del conn.inbuf[:end + 4]
+                conn.scanned = 0
+                self._begin(conn, head)
+            elif conn.state == "body" and len(conn.inbuf) >= conn.length:
+                with memoryview(conn.inbuf) as view:  # one copy of a body that may be large
+                    conn.request.body = bytes(view[:conn.length])
+                del conn.inbuf[:conn.length]
+                self._submit(conn)
+            else:
+                return
+
+    def _begin(self, conn, head):
+        """A request's line and headers have arrived: answer now, or wait for its body."""
+        conn.line, conn.request = _printable(head.split(b"\r\n", 1)[0]), None
+        try:
+            conn.request = request = parse_head(head)
+            length = body_length(request)
+        except HttpError as e:
+            return self._refuse(conn, e)
+        try:
+            self._check_host(request)
+            answer = self._route(request, length)
+        except HttpError as e:
+            answer = e.status, _json({"error": e.message}), "application/json", e.headers, e.close
+        if answer is None:  # a /score request: read its body
+            conn.state, conn.length, conn.reserved = "body", length, length
+            self.reserved += length
+            conn.deadline = time.monotonic() + self.body_seconds
+            if request.header("expect").lower() == "100-continue" and len(conn.inbuf) < length:
+                self._try_send(conn.sock, 100)
+            return
+        self._skip_body(conn, length or 0)
+        self._answer(conn, *answer)
+
+    def _check_host(self, request):
+        """Refuse a Host that is not ours (DNS rebinding: a web page whose name was made
+        to resolve to this machine, sending its visitor's browser here). Browsers
+        always send Host; HTTP/1.1 requires it."""
+        hosts = request.all("host")
+        if len(hosts) > 1 or (not hosts and request.version == "HTTP/1.1"):
+            raise HttpError(400, "send exactly one Host header", close=True)
+        host = host_name(hosts[0]) if hosts else ""
+        if hosts and host not in self.hosts and not is_ip_literal(host):
+            raise HttpError(421, f"host {host[:100]!r} is not served here: use an IP address or localhost, "
+                                 f"or start the server with --allow-host {host[:100]}")
+
+    def _route(self, request, length):
+        """(status, body, content type, headers, close) of a request answered without
+        its body, or None for a /score request to read and queue."""
+        path, method = request.path, request.method
+        if path in ("/", "/health", "/models", "/favicon.ico"):
+            if method not in ("GET", "HEAD"):
+                raise HttpError(405, f"{method} {path}: this page answers GET", {"Allow": "GET, HEAD"})
+            if path == "/":
+                return 200, PAGE.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_CSP}, False
+            if path == "/health":
+                return 200, _json({"status": "ok", "models": len(self.models)}), "application/json", {}, False
+            if path == "/models":
+                return 200, _json([describe(n, d) for n, d in self.models.items()]), "application/json", {}, False
+            return 204, b"", "image/x-icon", {}, False
+        if path != "/score":
+            raise HttpError(404, f"no page {path}: try /, /models, /health or POST /score?model=NAME")
+        if method != "POST":
+            raise HttpError(405, f"{method} /score: POST image bytes to /score?model=NAME", {"Allow": "POST"})
+        if length is None:
+            raise HttpError(411, "send the image with a Content-Length header", close=True)
+        if length > self.max_bytes:
+            raise HttpError(413, f"body over the {self.max_bytes} byte limit", close=True)
+        self._model_name(request)
+        if self.pending >= self.max_pending or self.reserved + length > self.body_budget:
+            raise HttpError(503, "busy: try again in a moment", {"Retry-After": "1"})
+        return None
+
+    def _model_name(self, request):
+        models = self.models
+        name = request.query.get("model", [next(iter(models)) if len(models) == 1 else ""])[0]
+        if name not in models:
+            raise HttpError(404, f"unknown model {name[:100]!r}; models: {', '.join(models)}")
+        return name
+
+    def _skip_body(self, conn, length):
+        """Pass over the body of a request answered without it: from the buffer if it is
+        all there (the connection can go on), else drained from the socket before the
+        connection closes (up to 8 bodies' worth: a larger one is cut off)."""
+        if length <= len(conn.inbuf):
+            del conn.inbuf[:length]
+            return
+        conn.drain = length - len(conn.inbuf) if length <= 8 * self.max_bytes else 0
+        conn.inbuf.clear()
+        conn.closing = True
+
+    def _refuse(self, conn, error):
+        """Answer a request whose framing cannot be trusted, and close."""
+        conn.inbuf.clear()
+        self._answer(conn, error.status, _json({"error": error.message}), "application/json", error.headers, True)
+
+    def _refuse_head(self, conn, status, message):
+        """Refuse a request line or headers too long to wait for."""
+        conn.line, conn.request = _printable(bytes(conn.inbuf[:200]).split(b"\r\n", 1)[0]), None
+        self._refuse(conn, HttpError(status, message))
+
+    def _submit(self, conn):
+        conn.state, conn.deadline = "busy", math.inf
+        self._watch(conn, 0)  # until answered: pipelined bytes wait in the socket
+        self.pending += 1
+        name = self._model_name(conn.request)
+        future = self.pool.submit(self._work, conn.request, name)
+        future.add_done_callback(functools.partial(self._finish, conn))
+
+    def _finish(self, conn, future):
+        """On the worker: hand its answer to the I/O thread, which alone touches sockets."""
+        if not future.cancelled():  # cancelled: the server is closing
+            self.finished.append((conn, *future.result()))
+            self._wake()
+
+    def _collect(self):
+        """Answer the requests the workers have finished."""
+        try:
+            while self.wake_out.recv(4096):
+                pass
+        except OSError:
+            pass
+        while self.finished:
+            conn, status, body = self.finished.popleft()
+            self.pending -= 1
+            self._release(conn)
+            if conn.open:
+                with self._guard(conn):
+                    conn.request.body = b""
+                    self._answer(conn, status, body)
+                    if conn.open and conn.state == "head":
+                        self._advance(conn)
+
+    def _headers(self, status, length, content_type, headers, close, version="HTTP/1.1"):
+        lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", f"Server: vad/{__version__}",
+                 f"Date: {email.utils.formatdate(usegmt=True)}"]
+        if status != 100:
+            lines += [f"Content-Type: {content_type}", "Cache-Control: no-store", "X-Content-Type-Options: nosniff",
+                      "X-Frame-Options: DENY"] + ([f"Content-Length: {length}"] if status != 204 else [])
+            headers = {"Content-Security-Policy": JSON_CSP, **headers}
+            if close:
+                headers["Connection"] = "close"
+            elif version == "HTTP/1.0":
+                headers["Connection"] = "keep-alive"
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _try_send(self, sock, status, message=""):
+        """One non-blocking send of a short answer on a connection about to close (or of
+        100 Continue): best effort, as the client may be gone or not reading."""
+        body = _json({"error": message}) if status != 100 else b""
+        try:
+            sock.send(self._headers(status, len(body), "application/json", {}, True) + body)
+        except OSError:
+            pass
+
+    def _answer(self, conn, status, body, content_type="application/json", headers=None, close=False):
+        request = conn.request
+        conn.closing = close = close or conn.closing or request is None or not request.keep_alive
+        head = self._headers(status, len(body), content_type, headers or {}, close,
+                             request.version if request else "HTTP/1.1")
+        conn.out = head + (b"" if request and request.method == "HEAD" else body)
+        conn.state, conn.sent, conn.deadline = "send", 0, time.monotonic() + self.send_seconds
+        if not self.quiet:
+            self.log(f'{conn.address} - - [{time.strftime("%d/%b/%Y %H:%M:%S")}] "{conn.line}" {status} {len(body)}')
+        self._send(conn)
+
+    def _send(self, conn):
+        """Write what is left of the answer; when it is all out, close, or wait for the
+        connection's next request."""
+        try:
+            while conn.sent < len(conn.out):
+                conn.sent += conn.sock.send(memoryview(conn.out)[conn.sent:])
+        except BlockingIOError:
+            return self._watch(conn, selectors.EVENT_WRITE | (selectors.EVENT_READ if conn.drain else 0))
+        except OSError:  # the client has gone
+            return self._close(conn)
+        if conn.drain:
+            conn.deadline = time.monotonic() + self.body_seconds
+            return self._watch(conn, selectors.EVENT_READ)
+        if conn.closing:
+            return self._close(conn)
+        conn.state, conn.request, conn.out, conn.served = "head", None, b"", conn.served + 1
+        conn.fresh = not conn.inbuf
+        conn.deadline = time.monotonic() + (self.idle_seconds if conn.fresh else self.header_seconds)
+        self._watch(conn, selectors.EVENT_READ)
 
 # -----------------------------------------------------------------------------
 # Plumbing: progress bars, stage timers, prefetching, peak memory, atomic writes
@@ -3383,8 +3986,11 @@ def bench_command(models, data, more_data, json_file, quiet, **options):
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-bytes", type=click.IntRange(1), default=MAX_UPLOAD_BYTES, show_default=True,
               help="Largest request body accepted; larger ones get 413.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="A host name clients may use besides IP addresses and localhost (repeatable); "
+                   "requests naming any other host get 421.")
 @run_options(fitting=False)
-def serve_command(model_files, host, port, max_bytes, precision, device, batch_size, quiet):
+def serve_command(model_files, host, port, max_bytes, allow_hosts, precision, device, batch_size, quiet):
     """Serve an upload-and-inspect page and a JSON endpoint for fitted models.
 
     \b
@@ -3393,11 +3999,14 @@ def serve_command(model_files, host, port, max_bytes, precision, device, batch_s
                                    threshold, verdict (add &overlay=1 for a PNG data URL)
       GET  /models, GET /health
 
-    A model's NAME is its file name without .pt.
+    A model's NAME is its file name without .pt. Behind a reverse proxy or under a DNS
+    name, give that name with --allow-host: other names are refused, so that no web
+    page can send its visitors' browsers here under a name of its own (DNS rebinding).
 
     \b
       python vad.py serve bottle-padim.pt screw-patchcore.pt --port 8000
       curl --data-binary @part.png 'http://127.0.0.1:8000/score?model=bottle-padim'
+      python vad.py serve bottle-padim.pt --host 0.0.0.0 --allow-host inspect.example.com
     """
     _verbosity(quiet)
     models = {}
@@ -3405,8 +4014,9 @@ def serve_command(model_files, host, port, max_bytes, precision, device, batch_s
         if path.stem in models:
             raise CliError(f"two models named {path.stem!r}: rename one file")
         models[path.stem] = run_api(load, path, device, precision)
+    raise_open_file_limit()
     try:
-        server = InspectionServer(models, (host, port), max_bytes, quiet, batch_size)
+        server = InspectionServer(models, (host, port), max_bytes, quiet, batch_size, allow_hosts)
     except OSError as e:
         raise CliError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     click.echo(f"serving {', '.join(models)} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)", err=True)
