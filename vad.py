@@ -755,7 +755,8 @@ class PaDiM(Detector):
     def fitted_shapes(self, state):
         P, d = grid_size(self.input_size[0], 4) * grid_size(self.input_size[1], 4), self.config.d
         channels = state["channels"]
-        if len(channels) == d and not (bool((channels >= 0).all()) and bool((channels < sum(self.backbone.channels)).all())):
+        C = sum(self.backbone.channels)
+        if len(channels) == d and not bool(((channels >= 0) & (channels < C)).all()):
             raise ValueError("its PaDiM channel indices are out of range")
         return {"channels": (d,), "mean": (P, d), "cholesky": (P, d, d)}
 
