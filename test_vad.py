@@ -985,6 +985,64 @@ def test_aupro_regions_are_8_connected():
     assert vad.aupro(maps, masks, 1.0) == pytest.approx(0.75)
 
 
+def test_calibration_thresholds_against_brute_force():
+    rng = np.random.default_rng(3)
+    for n_good, n_bad in [(20, 0), (37, 5), (8, 8)]:
+        good, bad = rng.normal(0, 1, n_good).round(1), rng.normal(1.5, 1, n_bad).round(1)  # with ties
+        for frr in (0.0, 0.01, 0.05, 0.2, 0.5):
+            t = vad.threshold_for_frr(good, frr)
+            assert (good > t).sum() <= frr * n_good  # at most that many good images rejected ...
+            assert all((good > c).sum() > frr * n_good for c in np.unique(good) if c < t)  # ... and no lower one
+        if n_bad:
+            t = vad.threshold_for_f1(good, bad)
+            def f1(c):
+                tp, fp, fn = (bad > c).sum(), (good > c).sum(), (bad <= c).sum()
+                return 2 * tp / (2 * tp + fp + fn)
+            cands = np.r_[good, bad, np.unique(np.r_[good, bad]) - 1e-9, -1e9]
+            assert f1(t) == pytest.approx(max(f1(c) for c in cands))
+    assert vad.threshold_for_frr([1.0, 2.0, 3.0, 4.0], 0.25) == 3.0  # one of four may be rejected: the 4
+    assert vad.threshold_for_f1([1.0, 2.0], [3.0, 4.0]) == 2.5
+    assert vad.confusion([1.0, 2.0, 3.0], [2.5, 4.0], 2.0) == {"good_ok": 2, "good_rejected": 1, "bad_caught": 2,
+                                                               "bad_missed": 0}
+
+
+def test_defect_regions_against_a_hand_made_map_and_a_flood_fill():
+    m = np.zeros((12, 16), dtype=np.float32)
+    m[1:4, 1:5] = 2.0  # region A: 12 px, peak 3 at (2, 3)
+    m[2, 3] = 3.0
+    m[6, 10] = m[7, 11] = m[8, 12] = 5.0  # region B: a diagonal, one region when 8-connected
+    m[10, 0] = 1.5  # region C: one pixel
+    m[0, 15] = np.nan  # never a defect
+    regions, count = vad.defect_regions(m, 1.0)
+    assert count == 3 and [r["area"] for r in regions] == [12, 3, 1]
+    assert regions[0] == {"box": [1, 1, 5, 4], "area": 12, "peak": 3.0, "centroid": [2.5, 2.0]}
+    assert regions[1] == {"box": [10, 6, 13, 9], "area": 3, "peak": 5.0, "centroid": [11.0, 7.0]}
+    assert regions[2]["box"] == [0, 10, 1, 11]
+    # an independent reference: 8-connected flood fill in plain Python
+    seen, found = set(), []
+    for y, x in zip(*np.nonzero(np.nan_to_num(m) > 1.0)):
+        if (y, x) in seen:
+            continue
+        stack, pixels = [(y, x)], []
+        seen.add((y, x))
+        while stack:
+            cy, cx = stack.pop()
+            pixels.append((cy, cx))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = cy + dy, cx + dx
+                    if 0 <= ny < 12 and 0 <= nx < 16 and (ny, nx) not in seen and m[ny, nx] > 1.0:
+                        seen.add((ny, nx))
+                        stack.append((ny, nx))
+        ys, xs = zip(*pixels)
+        found.append((len(pixels), [min(xs), min(ys), max(xs) + 1, max(ys) + 1], max(m[p] for p in pixels)))
+    assert sorted(found, key=lambda f: -f[0]) == [(r["area"], r["box"], r["peak"]) for r in regions]
+    assert vad.defect_regions(m, 1.0, limit=1)[1] == 3 and len(vad.defect_regions(m, 1.0, limit=1)[0]) == 1
+    assert vad.defect_regions(m, 10.0) == ([], 0)
+    big, _ = vad.defect_regions(m, 1.0, scale=(2.0, 2.0))  # a half-size map of a twice larger image
+    assert big[0]["box"] == [2, 2, 10, 8] and big[0]["area"] == 48 and big[0]["centroid"] == [5.5, 4.5]
+
+
 def test_classification_and_f1_max_against_brute_force():
     rng = np.random.default_rng(1)
     scores, labels = rng.integers(0, 8, 40).astype(float), rng.integers(0, 2, 40)
@@ -1099,6 +1157,59 @@ def test_cli_fit_score_bench(dataset, tmp_path):
     assert where["threads"] == torch.get_num_threads() and where["torch"] == torch.__version__
     assert f"machine: {where['cpu']} ({where['isa']}), {where['threads']} threads" in r.stdout
     assert where["cpu"] == vad.cpu_info()[0] and where["isa"] == vad.isa_level()
+
+
+def test_cli_score_reports_regions_masks_and_takes_a_threshold(model_file, dataset, tmp_path):
+    ds = vad.read_dataset(dataset)
+    paths = [ds.test[0], ds.test[-1]]  # a defect, a good one
+    r = cli("score", model_file, *paths, "--json", "--masks", tmp_path / "k", "--maps", tmp_path / "m", "-q")
+    assert r.exit_code == 0, r.output
+    model = vad.load(model_file)
+    for record in map(json.loads, r.stdout.splitlines()):
+        anomaly_map = np.load(record["map"])
+        mask = np.asarray(Image.open(record["mask"]))
+        assert record["pixel_threshold"] == float(model.pixel_threshold)
+        assert np.array_equal(mask == 255, anomaly_map > record["pixel_threshold"]) and set(np.unique(mask)) <= {0, 255}
+        assert (record["regions"], record["region_count"]) == tuple(json.loads(json.dumps(
+            vad.defect_regions(anomaly_map, record["pixel_threshold"]))))
+        assert sum(x["area"] for x in record["regions"]) == int(mask.astype(bool).sum())
+    scores = [json.loads(line)["score"] for line in r.stdout.splitlines()]
+    middle = (scores[0] + scores[1]) / 2
+    r = cli("score", model_file, *paths, "--threshold", middle, "--json", "-q")
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["verdict"] for x in records] == ["anomalous" if s > middle else "ok" for s in scores]
+    assert all(x["threshold"] == pytest.approx(middle, rel=1e-6) for x in records)  # a float32 buffer
+    assert len({x["verdict"] for x in records}) == 2
+    assert cli("score", model_file, *paths, "--threshold", "nan").exit_code == 2
+
+
+def test_cli_calibrate_sets_the_threshold_from_labelled_images(model_file, dataset, tmp_path):
+    ds = vad.read_dataset(dataset)
+    good, bad = dataset / "test" / "good", dataset / "test" / "defect"
+    model = vad.load(model_file)
+    good_scores = [r.score for r in vad.score_files(model, list_of(ds, 0), desc=None)]
+    bad_scores = [r.score for r in vad.score_files(model, list_of(ds, 1), desc=None)]
+    original = model_file.read_bytes()
+    r = cli("calibrate", model_file, "--good", good, "--target-frr", 0, "--out", tmp_path / "frr.pt", "-q")
+    assert r.exit_code == 0, r.output
+    assert model_file.read_bytes() == original  # --out: the original stays
+    calibrated = vad.load(tmp_path / "frr.pt")
+    assert float(calibrated.threshold) == pytest.approx(max(good_scores))  # no good image rejected
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"before: threshold {float(model.threshold):.6g}") and lines[1].startswith("after:")
+    assert lines[1].endswith(f"good {len(good_scores)} ok, 0 rejected")
+    assert "calibrated" in calibrated.info
+    r = cli("calibrate", model_file, "--good", good, "--bad", bad, "--max-f1", "-q")  # in place
+    assert r.exit_code == 0, r.output
+    expected = vad.threshold_for_f1(good_scores, bad_scores)
+    assert float(vad.load(model_file).threshold) == pytest.approx(expected)
+    assert f"after: threshold {expected:.6g}" in r.stdout and "caught" in r.stdout
+    assert cli("calibrate", model_file, "--good", good, "--max-f1").exit_code == 2  # no --bad
+    assert cli("calibrate", model_file, "--good", tmp_path / "none").exit_code == 2
+
+
+def list_of(dataset, label):
+    return [p for p, y in zip(dataset.test, dataset.labels) if y == label]
 
 
 def test_cli_score_json_heatmaps_maps_stdin(fitted, dataset, tmp_path):
@@ -1630,7 +1741,8 @@ def test_serve_page_health_and_models(server, fitted):
     assert status == 200 and [m["name"] for m in models] == ["tiles-padim", "tiles-patchcore"]
     assert models[0] == {"name": "tiles-padim", "detector": "padim", "backbone": "resnet18",
                          "image_size": f"{SIZE}x{SIZE}", "resize": "fit", "tile": None,
-                         "threshold": float(fitted["padim"].threshold)}
+                         "threshold": float(fitted["padim"].threshold),
+                         "pixel_threshold": float(fitted["padim"].pixel_threshold)}
 
 
 def test_serve_scores_raw_png_and_multipart(server, fitted, dataset):
@@ -1640,6 +1752,9 @@ def test_serve_scores_raw_png_and_multipart(server, fitted, dataset):
     assert status == 200 and result["score"] == pytest.approx(float(expected[0]), rel=1e-6)
     assert result["threshold"] == float(fitted["patchcore"].threshold)
     assert result["verdict"] == ("anomalous" if result["score"] > result["threshold"] else "ok")
+    assert result["pixel_threshold"] == float(fitted["patchcore"].pixel_threshold)
+    assert (result["regions"], result["region_count"]) == tuple(json.loads(json.dumps(  # at the image's own size
+        vad.defect_regions(maps[0].numpy(), float(fitted["patchcore"].pixel_threshold)))))
     header, encoded = result["overlay"].split(",", 1)
     assert header == "data:image/png;base64"
     assert Image.open(io.BytesIO(base64.b64decode(encoded))).size == (SIZE, SIZE)

@@ -2427,6 +2427,32 @@ def f1_max(scores, labels):
     return float(f1.max()) if y.any() else 0.0
 
 
+def threshold_for_frr(good, target_frr):
+    """The lowest threshold at which at most a fraction target_frr of the good scores are
+    above it (rejected): the (k+1)-th largest good score, k = floor(target_frr * n)."""
+    s = np.sort(np.asarray(good, dtype=np.float64))[::-1]
+    return float(s[min(int(math.floor(target_frr * len(s) + 1e-9)), len(s) - 1)])
+
+
+def threshold_for_f1(good, bad):
+    """The threshold with the best F1 on labelled scores (anomalous = score > threshold):
+    each candidate sits half-way between two neighbouring distinct scores, and on a tie
+    the highest threshold wins (fewer false rejects)."""
+    scores = np.concatenate([good, bad]).astype(np.float64)
+    labels = np.r_[np.zeros(len(good), bool), np.ones(len(bad), bool)]
+    values = np.unique(scores)
+    candidates = np.r_[values[0] - 1.0, (values[:-1] + values[1:]) / 2, values[-1]]
+    f1 = [classification(scores, labels, t)["f1"] for t in candidates]
+    return float(candidates[len(f1) - 1 - int(np.argmax(f1[::-1]))])
+
+
+def confusion(good, bad, threshold):
+    """Counts at a threshold: good images passed and rejected, bad ones caught and missed."""
+    good, bad = np.asarray(good), np.asarray(bad)
+    return {"good_ok": int((good <= threshold).sum()), "good_rejected": int((good > threshold).sum()),
+            "bad_caught": int((bad > threshold).sum()), "bad_missed": int((bad <= threshold).sum())}
+
+
 def _stack_padded(maps, fill):
     """Arrays of possibly different (H, W) -> one (N, H_max, W_max) array, padded with fill."""
     H, W = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
@@ -2682,7 +2708,7 @@ def bench_table(results):
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
-# Heat maps
+# Heat maps, defect masks and regions
 
 _COLORS = np.array([[0, 0, 128], [0, 64, 255], [0, 224, 255], [255, 224, 0], [255, 32, 0]], dtype=np.float64)
 
@@ -2719,9 +2745,55 @@ def heatmap_png(detector, source, anomaly_map):
     drawn at the map's size."""
     image = read_source(source, max_side=max(anomaly_map.shape))
     rgb = overlay(image, anomaly_map, float(detector.map_low), float(detector.pixel_threshold))
+    return _png(Image.fromarray(rgb))
+
+
+def _png(image):
     buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def defect_mask(anomaly_map, pixel_threshold):
+    """Where the map is above the pixel threshold (NaN, not inspected, never is): bool (H, W)."""
+    return np.nan_to_num(anomaly_map, nan=-np.inf) > pixel_threshold
+
+
+def mask_png(anomaly_map, pixel_threshold):
+    """The defect mask as a PNG a vision system can read: 255 defect, 0 not."""
+    return _png(Image.fromarray(defect_mask(anomaly_map, pixel_threshold).astype(np.uint8) * 255))
+
+
+MAX_REGIONS = 100  # regions listed per image, largest first; region_count says how many there were
+
+
+def defect_regions(anomaly_map, pixel_threshold, scale=(1.0, 1.0), limit=MAX_REGIONS):
+    """The defects of a map, for a PLC or a database rather than a person: connected
+    regions (8-connected, so a diagonal crack is one) of the pixels above the pixel
+    threshold -> (up to `limit` dicts, largest area first, and how many there were).
+    Each: box [x0, y0, x1, y1] (x1, y1 exclusive), area in pixels, peak map value and
+    centroid [x, y]. scale = (sy, sx) maps the map's pixels to the image's, for a map
+    computed at a reduced size (serve); coordinates are then rounded to whole pixels."""
+    import scipy.ndimage  # only regions need it
+
+    region = defect_mask(anomaly_map, pixel_threshold)
+    labels, n = scipy.ndimage.label(region, structure=np.ones((3, 3), dtype=bool))
+    if not n:
+        return [], 0
+    index = np.arange(1, n + 1)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    peaks = scipy.ndimage.maximum(anomaly_map, labels, index)
+    centres = scipy.ndimage.center_of_mass(region, labels, index)
+    boxes = scipy.ndimage.find_objects(labels)
+    (sy, sx), regions = scale, []
+    for i in sorted(range(n), key=lambda i: (-areas[i], -peaks[i], boxes[i][0].start, boxes[i][1].start))[:limit]:
+        rows, cols = boxes[i]
+        regions.append({"box": [round(cols.start * sx), round(rows.start * sy), round(cols.stop * sx),
+                                round(rows.stop * sy)],
+                        "area": int(round(areas[i] * sx * sy)), "peak": float(peaks[i]),
+                        "centroid": [round(float(centres[i][1] + 0.5) * sx - 0.5, 2),
+                                     round(float(centres[i][0] + 0.5) * sy - 0.5, 2)]})
+    return regions, n
 
 # -----------------------------------------------------------------------------
 # Serving: the report's upload-and-inspect page (ch. 6) and a JSON endpoint, standard library only
@@ -2839,7 +2911,7 @@ def describe(name, detector):
     f = detector.framing
     return {"name": name, "detector": detector.name, "backbone": getattr(detector.config, "backbone", "-"),
             "image_size": "x".join(map(str, f.size)) if f.size else "native", "resize": f.resize, "tile": f.tile,
-            "threshold": float(detector.threshold)}
+            "threshold": float(detector.threshold), "pixel_threshold": float(detector.pixel_threshold)}
 
 
 class HttpError(Exception):
@@ -3091,10 +3163,17 @@ class InspectionServer:
             r = next(score_files(detector, [data], self.batch_size, desc=None))
         if r.error:
             raise VadError(r.error)
-        result = {"model": name, "score": r.score, "threshold": r.threshold, "verdict": r.verdict}
+        # Regions are found on the map at the overlay's bounded size and given in the
+        # image's own pixels: exact up to MAX_OVERLAY_SIDE, and memory stays bounded above it.
+        size = fit_within(r.source_size, MAX_OVERLAY_SIDE)
+        anomaly_map = map_to_source(r.anomaly_map, r.source_size, detector.framing, size)
+        pixel_threshold = float(detector.pixel_threshold)
+        regions, count = defect_regions(anomaly_map, pixel_threshold,
+                                        (r.source_size[0] / size[0], r.source_size[1] / size[1]))
+        result = {"model": name, "score": r.score, "threshold": r.threshold, "verdict": r.verdict,
+                  "pixel_threshold": pixel_threshold, "regions": regions, "region_count": count}
         if with_overlay:
-            size = fit_within(r.source_size, MAX_OVERLAY_SIDE)
-            png = heatmap_png(detector, data, map_to_source(r.anomaly_map, r.source_size, detector.framing, size))
+            png = heatmap_png(detector, data, anomaly_map)
             result["overlay"] = "data:image/png;base64," + base64.b64encode(png).decode()
         return result
 
@@ -3798,7 +3877,7 @@ def check_model_out(out, data, force):
     check_writable(out, "--out")
     if not (out.exists() or out.is_symlink()):
         return
-    if is_image(out) and out.resolve().is_relative_to(Path(data).resolve()):
+    if data is not None and is_image(out) and out.resolve().is_relative_to(Path(data).resolve()):
         raise CliError(f"--out {out} is one of the training images in {data}; write the model elsewhere")
     if not force and not is_vad_model(out):
         raise CliError(f"--out {out} exists and is not a vad model file; choose another name, or add --force "
@@ -3869,14 +3948,20 @@ def _write_output(path, write):
               "as <name>.<ext>.png (a folder outside the inputs).")
 @click.option("--maps", type=click.Path(path_type=Path), help="Write each raw anomaly map here, as <name>.<ext>.npy "
               "(float32, the image's own size, NaN where not inspected).")
+@click.option("--masks", type=click.Path(path_type=Path), help="Write each binary defect mask (map above the pixel "
+              "threshold: 255, else 0) here, as <name>.<ext>.mask.png at the image's own size.")
+@click.option("--threshold", type=float, help="Judge with this image threshold instead of the model's, for this run "
+              "(vad.py calibrate changes the model's).")
 @click.option("--null", "-0", "null", is_flag=True, help="Paths on stdin ('-') are NUL-separated (find -print0).")
 @click.option("--fail-on-anomaly", is_flag=True, help="Exit 1 when any image is judged anomalous.")
 @run_options(fitting=False)
-def score_command(model_file, inputs, as_json, heatmaps, maps, null, fail_on_anomaly, precision, device, batch_size,
-                  quiet):
+def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold, null, fail_on_anomaly, precision,
+                  device, batch_size, quiet):
     """Score images with a fitted model: one line per image on stdout,
     "PATH<TAB>SCORE<TAB>ok|anomalous", in input order (a tab, newline, carriage return
-    or backslash in PATH written as \\t, \\n, \\r, \\\\; --json gives the path exactly).
+    or backslash in PATH written as \\t, \\n, \\r, \\\\; --json gives the path exactly,
+    with the thresholds and the defect regions: box, area, peak and centroid of each
+    connected region above the pixel threshold, in the image's own pixels).
 
     INPUTS are image files, folders (searched recursively) or '-' for one path per line
     on stdin (NUL-separated with -0). Errors go to stderr, one line each, never stdout.
@@ -3886,8 +3971,8 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, null, fail_on_ano
       0  every image scored
       1  with --fail-on-anomaly: every image scored, at least one anomalous
       2  usage or model-file error (nothing scored)
-      3  some images could not be read, or their heat map or map not written (each
-         reported; every other image scored and written)
+      3  some images could not be read, or their heat map, map or mask not written
+         (each reported; every other image scored and written)
 
     \b
       python vad.py score bottle-padim.pt test/*/*.png
@@ -3895,23 +3980,33 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, null, fail_on_ano
     """
     _verbosity(quiet)
     detector = run_api(load, model_file, device, precision)
+    if threshold is not None:
+        if not math.isfinite(threshold):
+            raise CliError(f"--threshold {threshold}: give a finite number")
+        detector.threshold.fill_(threshold)
     paths, folders = _expand_inputs(inputs, null)
     if not paths:
         raise CliError("no images to score: give image files, folders, or - to read paths from stdin")
     outputs = {option: output_paths(paths, folders, directory, option, suffix)
-               for option, directory, suffix in (("heatmaps", heatmaps, ".png"), ("maps", maps, ".npy")) if directory}
+               for option, directory, suffix in (("heatmaps", heatmaps, ".png"), ("maps", maps, ".npy"),
+                                                 ("masks", masks, ".mask.png")) if directory}
+    pixel_threshold = float(detector.pixel_threshold)
     failed = unwritten = anomalous = 0
     for r in score_files(detector, paths, batch_size):
         if r.error:
             click.echo(f"error: {tsv_field(r.error)}", err=True)
             failed += 1
             continue
-        anomaly_map = map_to_source(r.anomaly_map, r.source_size, detector.framing) if outputs else None
+        anomaly_map = map_to_source(r.anomaly_map, r.source_size, detector.framing) if outputs or as_json else None
         anomalous += r.verdict == "anomalous"
         record = {"path": str(r.path), "score": r.score, "threshold": r.threshold, "verdict": r.verdict}
+        if as_json:
+            regions, count = defect_regions(anomaly_map, pixel_threshold)
+            record |= {"pixel_threshold": pixel_threshold, "regions": regions, "region_count": count}
         for option, key, write in (("heatmaps", "heatmap", lambda f: f.write_bytes(heatmap_png(detector, r.path,
                                                                                                 anomaly_map))),
-                                   ("maps", "map", lambda f: np.save(f, anomaly_map))):
+                                   ("maps", "map", lambda f: np.save(f, anomaly_map)),
+                                   ("masks", "mask", lambda f: f.write_bytes(mask_png(anomaly_map, pixel_threshold)))):
             if option in outputs:
                 try:
                     _write_output(outputs[option][r.path], write)
@@ -3929,6 +4024,59 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, null, fail_on_ano
         sys.exit(3)
     if fail_on_anomaly and anomalous:
         sys.exit(1)
+
+
+@cli.command("calibrate")
+@click.argument("model_file", type=click.Path(path_type=Path))
+@click.option("--good", "good_dirs", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Folder (or file) of good images from the line, repeatable.")
+@click.option("--bad", "bad_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Folder (or file) of defective images, repeatable (needed for --max-f1).")
+@click.option("--target-frr", type=click.FloatRange(0, 1, max_open=True),
+              help="Reject at most this fraction of the good images [default: 0.01, unless --max-f1].")
+@click.option("--max-f1", is_flag=True, help="The threshold with the best F1 on the good and bad images.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the calibrated model here [default: rewrite "
+              "MODEL_FILE in place, atomically].")
+@run_options(fitting=False)
+def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, precision, device, batch_size, quiet):
+    """Set a model's image threshold from labelled images of your line: by the false
+    reject rate on good images (--target-frr), or by F1 when defective images are given
+    (--max-f1). Prints the confusion counts before and after. Use images that were not
+    used to fit the model, and never the test images you report results on.
+
+    \b
+      python vad.py calibrate bottle-padim.pt --good line3/ok --target-frr 0.005
+      python vad.py calibrate bottle-padim.pt --good line3/ok --bad line3/rejects --max-f1
+    """
+    _verbosity(quiet)
+    if max_f1 and target_frr is not None:
+        raise CliError("give --target-frr or --max-f1, not both")
+    if max_f1 and not bad_dirs:
+        raise CliError("--max-f1 needs defective images: add --bad DIR")
+    out = out or model_file
+    if out != model_file:
+        check_model_out(out, None, force=False)
+    detector = run_api(load, model_file, device, precision)
+
+    def scores(items, what):
+        paths = _expand_inputs([str(p) for p in items])[0]
+        if not paths:
+            raise CliError(f"no {what} images found in {', '.join(map(str, items))}")
+        return np.array([r.score for r in run_api(every_image, score_files(detector, paths, batch_size, what))])
+    good = scores(good_dirs, "good")
+    bad = scores(bad_dirs, "bad") if bad_dirs else np.array([])
+    before = float(detector.threshold)
+    after = threshold_for_f1(good, bad) if max_f1 else threshold_for_frr(good, 0.01 if target_frr is None
+                                                                        else target_frr)
+    for label, t in (("before", before), ("after", after)):
+        c = confusion(good, bad, t)
+        click.echo(f"{label}: threshold {t:.6g}: good {c['good_ok']} ok, {c['good_rejected']} rejected"
+                   + (f"; bad {c['bad_caught']} caught, {c['bad_missed']} missed" if len(bad) else ""))
+    detector.threshold.fill_(after)
+    rule = "max-f1" if max_f1 else f"target-frr {0.01 if target_frr is None else target_frr}"
+    detector.info = {**detector.info, "calibrated": f"{rule} on {len(good)} good and {len(bad)} bad images"}
+    run_api(save, detector, out)
+    note(f"wrote {out}")
 
 
 @cli.command("bench")
