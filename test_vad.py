@@ -1268,6 +1268,40 @@ def test_contract_data_missing_empty_or_without_images(tmp_path):
         assert r.stderr.count("\n") == 1 and not r.stdout
 
 
+def test_contract_layouts_are_recognised_and_labelled_folders_refused(tmp_path):
+    image = np.full((40, 40, 3), 128.0)
+
+    def tree(root, files):
+        for name in files:
+            save_png(image, root / name)
+        return root
+    ad2 = tree(tmp_path / "ad2", ["train/good/0.png", "train/good/1.png", "validation/good/2.png",
+                                  "test_public/good/3.png", "test_public/bad/4.png",
+                                  "test_public/ground_truth/bad/4_mask.png"])
+    ds = vad.read_dataset(ad2)
+    assert ds.layout == "MVTec AD 2" and [p.name for p in ds.train] == ["0.png", "1.png"]
+    assert [(p.name, y) for p, y in zip(ds.test, ds.labels)] == [("3.png", 0), ("4.png", 1)]
+    assert ds.masks == [None, ad2 / "test_public/ground_truth/bad/4_mask.png"]
+    btech = tree(tmp_path / "btech", ["train/ok/0.png", "test/ok/1.png", "test/ko/2.png", "ground_truth/ko/2.png"])
+    ds = vad.read_dataset(btech)
+    assert ds.layout == "BTech" and [p.name for p in ds.train] == ["0.png"]
+    assert ds.labels == [0, 1]  # test/ok, then test/ko
+    assert dict(zip([p.name for p in ds.test], ds.masks)) == {"1.png": None, "2.png": btech / "ground_truth/ko/2.png"}
+    mvtec = tree(tmp_path / "mvtec", ["train/good/0.png", "test/good/1.png", "test/crack/2.png",
+                                      "ground_truth/crack/2_mask.png"])
+    assert vad.read_dataset(mvtec).layout == "MVTec AD" and vad.read_dataset(mvtec).labels == [1, 0]
+    plain = tree(tmp_path / "plain", ["line1/0.png", "line2/1.png"])
+    assert vad.read_dataset(plain).layout == "folder of good images" and len(vad.read_dataset(plain).train) == 2
+    for name, files in [("btech-like", ["ok/0.png", "ko/1.png"]), ("mixed", ["0.png", "test/1.png"]),
+                        ("masks", ["good/0.png", "ground_truth/0_mask.png"]), ("defects", ["a/0.png", "a/Defect_3/1.png"]),
+                        ("no train/good", ["train/ok_not/0.png", "test/bad/1.png"])]:
+        root = tree(tmp_path / name, files)
+        with pytest.raises(vad.VadError, match="looks like labelled test data"):
+            vad.read_dataset(root)
+        r = cli("fit", "--model", "padim", "--data", root, *TINY)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "good images only" in r.stderr
+
+
 def test_contract_non_images_are_skipped_with_one_warning(dataset, tmp_path):
     data = tmp_path / "data"
     for p in vad.read_dataset(dataset).train[:6]:

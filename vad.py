@@ -78,6 +78,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import email.utils
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -2029,40 +2030,67 @@ def read_source(source, max_side=None):
 
 @dataclass
 class Dataset:
-    """A category: normal training images, and (MVTec AD layout) labelled test images."""
+    """A category: normal training images, and (in a known layout) labelled test images."""
     root: Path
     train: list
     test: list = field(default_factory=list)  # image paths
     labels: list = field(default_factory=list)  # 0 good, 1 defective
     masks: list = field(default_factory=list)  # mask path, or None where unknown
+    layout: str = "folder of good images"
 
     @property
     def name(self):
         return self.root.name
 
 
+# Data set layouts: (name, the folder of good training images, [(test folder, label)],
+# where the mask of a defective test image lies). A folder in none of them is read as
+# good images only, unless it looks labelled (LABELLED), which is refused: training on
+# a data set's defects, without a word, is the one mistake that cannot be seen later.
+LAYOUTS = [
+    ("MVTec AD 2", "train/good", lambda root: [(root / "test_public" / "good", 0), (root / "test_public" / "bad", 1)],
+     lambda root, folder, path: root / "test_public" / "ground_truth" / folder.name / f"{path.stem}_mask.png"),
+    ("MVTec AD", "train/good", lambda root: [(f, int(f.name != "good")) for f in sorted((root / "test").glob("*"))
+                                            if f.is_dir()],
+     lambda root, folder, path: root / "ground_truth" / folder.name / f"{path.stem}_mask.png"),
+    ("BTech", "train/ok", lambda root: [(root / "test" / "ok", 0), (root / "test" / "ko", 1)],
+     lambda root, folder, path: root / "ground_truth" / folder.name / f"{path.stem}.png"),
+]
+LABELLED = ("test", "test_public", "ground_truth", "validation", "ko", "ng", "bad", "defect*", "anomal*")
+
+
 def read_dataset(root):
-    """An MVTec AD category folder (train/good, test/<defect>, ground_truth/<defect>/
-    <stem>_mask.png), or any folder of images, all of which are then training images."""
+    """A category folder in a known layout (LAYOUTS: MVTec AD, MVTec AD 2, BTech) with its
+    labelled test images and masks, or a plain folder of images, all of which are then
+    training images. A plain folder with a subfolder named like a label (LABELLED) is
+    refused."""
     root = Path(root)
     if not root.is_dir():
         raise VadError(f"--data {root}: no such folder; give an MVTec AD category folder or a folder of images")
-    if not (root / "train" / "good").is_dir():
-        train = list_images(root)
-        if not train:
-            raise VadError(f"--data {root}: no images found (expected {', '.join(IMAGE_EXTENSIONS)} files, or train/good/)")
-        return Dataset(root, train)
-    dataset = Dataset(root, list_images(root / "train" / "good"))
+    for layout, train, tests, mask_of in LAYOUTS:
+        if (root / train).is_dir() and (layout != "MVTec AD 2" or (root / "test_public").is_dir()):
+            break
+    else:
+        labelled = sorted(p for p in root.rglob("*") if p.is_dir() and any(fnmatch.fnmatch(p.name.lower(), pattern)
+                                                                          for pattern in LABELLED))
+        if labelled:
+            raise VadError(f"--data {root}: it holds {labelled[0].relative_to(root)}/, which looks like labelled "
+                           f"test data, but not in a layout vad knows (MVTec AD, MVTec AD 2, BTech); point --data at "
+                           f"the folder of good images only")
+        images = list_images(root)
+        if not images:
+            raise VadError(f"--data {root}: no images found (expected {', '.join(IMAGE_EXTENSIONS)} files, "
+                           f"or train/good/)")
+        return Dataset(root, images)
+    dataset = Dataset(root, list_images(root / train), layout=layout)
     if not dataset.train:
-        raise VadError(f"--data {root}: train/good/ holds no images")
-    test_dirs = sorted(p for p in (root / "test").glob("*") if p.is_dir())
-    for folder in test_dirs:
-        for path in list_images(folder):
-            good = folder.name == "good"
-            mask = root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
+        raise VadError(f"--data {root}: {train}/ holds no images")
+    for folder, label in tests(root):
+        for path in list_images(folder) if folder.is_dir() else []:
+            mask = mask_of(root, folder, path) if label else None
             dataset.test.append(path)
-            dataset.labels.append(0 if good else 1)
-            dataset.masks.append(None if good else (mask if mask.exists() else None))
+            dataset.labels.append(label)
+            dataset.masks.append(mask if mask is not None and mask.exists() else None)
     return dataset
 
 
@@ -2316,7 +2344,12 @@ def fit(data, model="patchcore", options=None, **overrides):
     o = dataclasses.replace(options or RunOptions(), **overrides)
     framing, batch_size = o.framing, o.batch_size
     config = make_config(model, o.settings, backbone=o.backbone, epochs=o.epochs)
-    paths = list(data) if isinstance(data, (list, tuple)) else read_dataset(data).train
+    if isinstance(data, (list, tuple)):
+        paths = list(data)
+    else:
+        dataset = read_dataset(data)
+        note(f"--data {data}: {dataset.layout}, {len(dataset.train)} good training images")
+        paths = dataset.train
     if not 0 <= o.holdout < 1:
         raise VadError(f"--holdout {o.holdout}: must be in [0, 1)")
     fit_idx, held_idx = split_holdout(len(paths), o.holdout, o.seed)
