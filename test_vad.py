@@ -712,7 +712,7 @@ def test_refuses_other_format_version_and_tampering(fitted, tmp_path):
         vad.load(tmp_path / "tampered.pt")
     del checkpoint["state_dict"]["memory_bank"]
     torch.save(checkpoint, tmp_path / "missing_tensor.pt")
-    with pytest.raises(vad.VadError, match="checksum"):
+    with pytest.raises(vad.VadError, match="do not match a patchcore model \\(memory_bank"):  # before the checksum
         vad.load(tmp_path / "missing_tensor.pt")
 
 # -----------------------------------------------------------------------------
@@ -1506,6 +1506,18 @@ def test_contract_outputs_never_replace_inputs(model_file, dataset, tmp_path):
     assert {p: p.read_bytes() for p in images.rglob("*.png")} == before and not (images / "sub" / "new").exists()
     r = cli("score", model_file, *listed, "--heatmaps", tmp_path / "heat", "-q")  # elsewhere: fine
     assert r.exit_code == 0 and len(list((tmp_path / "heat").glob("*.png.png"))) == 3
+    # links inside DIR that lead back into the inputs: a folder, and a file named like an output
+    save_png(np.asarray(Image.open(listed[0])), images / "top.png")
+    (images / "sub" / (listed[0].name + ".png")).write_bytes(b"an input named like an output")
+    before = {p: p.read_bytes() for p in images.rglob("*.png")}
+    (tmp_path / "via").mkdir()
+    (tmp_path / "via" / "sub").symlink_to(images / "sub")
+    (tmp_path / "file").mkdir()
+    (tmp_path / "file" / "top.png.png").symlink_to(images / "top.png")
+    for out, inputs in ((tmp_path / "via", [images]), (tmp_path / "file", [images / "top.png"])):
+        r = cli("score", model_file, *inputs, "--heatmaps", out, "-q")
+        assert r.exit_code == 2 and "through a link" in r.stderr and not r.stdout, out
+    assert {p: p.read_bytes() for p in images.rglob("*.png")} == before
 
 
 def test_contract_fit_out_replaces_only_vad_models(dataset, tmp_path):
@@ -1522,6 +1534,12 @@ def test_contract_fit_out_replaces_only_vad_models(dataset, tmp_path):
     assert image.read_bytes() == image_bytes and script.read_text() == "print('precious')\n"
     r = cli(*fit_args, "--out", image, "--force")
     assert r.exit_code == 2 and "training images" in r.stderr and image.read_bytes() == image_bytes
+    elsewhere = tmp_path / "elsewhere.png"  # a training image reached through a link in the data folder
+    elsewhere.write_bytes(image_bytes)
+    (data / "linked.png").symlink_to(elsewhere)
+    r = cli(*fit_args, "--out", elsewhere, "--force")
+    assert r.exit_code == 2 and "training images" in r.stderr and elsewhere.read_bytes() == image_bytes
+    (data / "linked.png").unlink()
     model = tmp_path / "m.pt"
     assert cli(*fit_args, "--out", model).exit_code == 0 and vad.is_vad_model(model)
     assert cli(*fit_args, "--out", model, "--seed", "1").exit_code == 0  # a vad model may be replaced
@@ -1569,11 +1587,14 @@ def test_contract_sigterm_and_sigkill_leave_no_temporary_files(dataset, tmp_path
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale, live = tmp_path / f".m.pt.{dead.pid}.0123abcd.tmp", tmp_path / f".m.pt.{os.getpid()}.0123abcd.tmp"
-    other = tmp_path / f".x.pt.{dead.pid}.0123abcd.tmp"
-    for f in (stale, live, other):
+    others = [tmp_path / f".x.pt.{dead.pid}.0123abcd.tmp", tmp_path / ".m.pt.\u00b2.0123abcd.tmp",
+              tmp_path / ".m.pt.99999999999999999999.0123abcd.tmp", tmp_path / ".m.pt.\u0661\u0662.0123abcd.tmp"]
+    for f in (stale, live, *others):
         f.write_bytes(b"partial")
+    (tmp_path / f".m.pt.{dead.pid}.89abcdef.tmp").mkdir()  # a folder is never ours
     vad.atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"new"))
-    assert target.read_bytes() == b"new" and not stale.exists() and live.exists() and other.exists()
+    assert target.read_bytes() == b"new" and not stale.exists() and live.exists()
+    assert all(f.exists() for f in others) and (tmp_path / f".m.pt.{dead.pid}.89abcdef.tmp").is_dir()
 
 
 def test_contract_extreme_aspect_ratios_stay_small_in_memory(dataset, tmp_path):
@@ -1599,6 +1620,24 @@ def test_contract_extreme_aspect_ratios_stay_small_in_memory(dataset, tmp_path):
     assert (top, left) == (0, 0) and np.abs(np.asarray(part, dtype=np.float64) - whole).max() <= 1
     with pytest.raises(vad.VadError, match="limit"):
         vad.parse_size("16384x16384")
+
+
+def test_contract_heat_maps_are_bounded_and_failed_writes_keep_old_files(model_file, dataset, tmp_path, monkeypatch):
+    wide = tmp_path / "in" / "wide.png"
+    save_png(np.random.default_rng(0).uniform(0, 255, (60, 3000, 3)), wide)
+    r = cli("score", model_file, wide, "--heatmaps", tmp_path / "h", "--maps", tmp_path / "m", "-q")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "h" / "wide.png.png").size == (2048, 41)  # drawn at most 2048 px wide
+    assert np.load(tmp_path / "m" / "wide.png.npy").shape == (60, 3000)  # maps keep the image's size
+    (tmp_path / "h" / "wide.png.png").write_bytes(b"an older heat map")
+    monkeypatch.setattr(vad, "heatmap_png", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    r = cli("score", model_file, wide, "--heatmaps", tmp_path / "h", "-q")
+    assert r.exit_code == 3 and "No space left" in r.stderr
+    assert (tmp_path / "h" / "wide.png.png").read_bytes() == b"an older heat map"  # untouched, not deleted
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["wide.png.png"]  # no temporary left
+    # an extreme crop leaves less than a pixel of the image inspected: a map still comes back
+    m = vad.map_to_source(np.ones((64, 64), np.float32), (1, 200_000), vad.Framing((64, 64), "crop"))
+    assert m.shape == (1, 200_000) and np.isfinite(m).sum() >= 1
 
 
 def crafted(model_file, tmp_path, name, change, digest=True):
@@ -1633,11 +1672,18 @@ def test_contract_crafted_model_files_are_refused_before_use(model_file, dataset
         "NaN mean": setter("state_dict", "mean", value=lambda t: t.fill_(float("nan"))),
         "channel out of range": setter("state_dict", "channels", value=lambda t: t + 10_000),
         "input size off": setter("image_size", value=[32, 32]),
+        "stride-0 view": setter("state_dict", "mean", value=lambda t: torch.zeros(1).expand(*t.shape)),
+        "shared references in info": setter("info", value=lambda v: {"x": [[[0] * 10] * 10] * 10}),
+        "float tile": setter("framing", "tile", value=64.0),
+        "tensor version": setter("format_version", value=torch.tensor([4, 4])),
     }
     for name, change in cases.items():
         r = cli("score", crafted(model_file, tmp_path, "c.pt", change), image)
         assert r.exit_code == 2 and r.stderr.count("\n") == 1 and not r.stdout, (name, r.output)
         assert "Traceback" not in r.output
+    for special in ("/dev/zero", tmp_path):
+        r = cli("score", special, image)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, special
     # precision is covered by the checksum: changing it alone is detected
     r = cli("score", crafted(model_file, tmp_path, "p.pt", setter("precision", value="bf16"), digest=False), image)
     assert r.exit_code == 2 and "checksum" in r.stderr
@@ -1663,6 +1709,11 @@ def test_contract_tsv_paths_are_escaped_and_stdin_can_be_nul_separated(model_fil
     assert rows[2][0].endswith("back\\\\slash.png")
     r = cli("score", model_file, "-", "-0", "--json", "-q", input="\0".join(map(str, paths)).encode() + b"\0")
     assert r.exit_code == 0 and [json.loads(line)["path"] for line in r.stdout.splitlines()] == list(map(str, paths))
+    odd = [tmp_path / "in" / n for n in ("trailing space.png ", "form\ffeed.png")]  # names a line may hold
+    for p in odd:
+        p.write_bytes(paths[3].read_bytes())
+    r = cli("score", model_file, "-", "--json", "-q", input="".join(f"{p}\r\n" for p in odd))
+    assert r.exit_code == 0 and [json.loads(line)["path"] for line in r.stdout.splitlines()] == list(map(str, odd))
     lines = f"{paths[3]}\nbad\0name.png\n{paths[3]}\n"
     r = cli("score", model_file, "-", "-q", input=lines)  # NUL in a line: that line's error, the rest scored
     assert r.exit_code == 3 and len(r.stdout.splitlines()) == 2 and "Traceback" not in r.output

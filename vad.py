@@ -679,6 +679,9 @@ class Detector(nn.Module):
         if set(state) != set(own) or not all(isinstance(t, torch.Tensor) for t in state.values()):
             odd = sorted(set(state) ^ set(own)) or [k for k, t in state.items() if not isinstance(t, torch.Tensor)]
             raise ValueError(f"its tensors do not match a {self.name} model ({', '.join(odd[:3])} ...)")
+        for name, t in state.items():  # a view larger than its storage (stride 0) would blow up when copied
+            if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+                raise ValueError(f"tensor {name} is larger than its storage")
         shapes = {name: tuple(t.shape) for name, t in own.items()} | self.fitted_shapes(state)
         for name, t in state.items():
             if t.dtype != own[name].dtype or tuple(t.shape) != tuple(shapes[name]):
@@ -1087,7 +1090,7 @@ class PatchCore(Detector):
         K, n = len(state["memory_bank"]), len(state["cell_centres"])
         starts = state["cell_starts"]
         if K < 1 or n < 1 or len(starts) != n + 1 or int(starts[0]) != 0 or int(starts[-1]) != K \
-                or not bool((starts[1:] >= starts[:-1]).all()):
+                or not bool((starts[1:] > starts[:-1]).all()):  # voronoi_cells drops empty cells
             raise ValueError("its PatchCore memory bank or cells are inconsistent")
         return {"memory_bank": (K, D), "bank_origin": (D,), "cell_centres": (n, D), "cell_starts": (n + 1,),
                 "cell_radii": (n,)}
@@ -1710,14 +1713,22 @@ def check_header(checkpoint):
             and size[0] * size[1] <= MAX_PIXELS):
         raise ValueError(f"image_size {size!r} is not a valid input size")
     framing = checkpoint["framing"]
-    if not (isinstance(framing, dict) and set(framing) == {f.name for f in dataclasses.fields(Framing)}):
+    if not (isinstance(framing, dict) and set(framing) == {f.name for f in dataclasses.fields(Framing)}
+            and (framing["size"] is None or (isinstance(framing["size"], (list, tuple)) and len(framing["size"]) == 2
+                                             and all(type(v) is int for v in framing["size"])))
+            and isinstance(framing["resize"], str) and (framing["tile"] is None or type(framing["tile"]) is int)
+            and type(framing["overlap"]) in (int, float)):
         raise ValueError("its framing is not valid")
     if checkpoint["precision"] not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision {checkpoint['precision']!r} is not fp32, bf16 or fp16")
     if checkpoint["normalization"] != {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}:
         raise ValueError("its input normalization is not the ImageNet one vad applies")
-    if not isinstance(checkpoint["info"], dict) or len(json.dumps(checkpoint["info"], default=str)) > 2**16:
-        raise ValueError("its info is not a small dictionary")
+    info = checkpoint["info"]  # flat and small: nested containers could share references without end
+    if not (isinstance(info, dict) and len(info) <= 64 and all(
+            isinstance(k, str) and len(k) <= 256 and (type(v) in (int, float, bool, type(None))
+                                                      or (isinstance(v, str) and len(v) <= 4096))
+            for k, v in info.items())):
+        raise ValueError("its info is not a small flat dictionary")
     if not isinstance(checkpoint["state_dict"], dict) or not isinstance(checkpoint["sha256"], str):
         raise ValueError("its tensors or checksum are missing")
 
@@ -1734,24 +1745,29 @@ def load(path, device="cpu", precision="model"):
     path = Path(path)
     if not path.exists():
         raise VadError(f"model file {path} does not exist")
+    if not path.is_file():
+        raise VadError(f"{path} is not a vad model file (not a regular file); fit one with 'vad.py fit'")
     check_archive(path)
     checkpoint = load_tensors(path, f"model file {path} does not exist",
                               f"{path} is not a vad model file ({{reason}}); fit one with 'vad.py fit'")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_NAME:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("format"), str) \
+            or checkpoint["format"] != FORMAT_NAME:
         raise VadError(f"{path} is not a vad model file; fit one with 'vad.py fit'")
-    if checkpoint.get("format_version") != FORMAT_VERSION:
-        raise VadError(f"{path} has model format version {checkpoint.get('format_version')!r}, this vad "
-                       f"{__version__} reads version {FORMAT_VERSION}; fit the model again with this vad")
+    version = checkpoint.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        shown = version if type(version) is int else type(version).__name__
+        raise VadError(f"{path} has model format version {shown}, this vad {__version__} reads version "
+                       f"{FORMAT_VERSION}; fit the model again with this vad")
     try:
         check_header(checkpoint)
-        if _digest(checkpoint) != checkpoint["sha256"]:
-            raise VadError(f"{path} is corrupted or was modified since it was saved (checksum mismatch); fit it again")
         cls, state = DETECTORS[checkpoint["detector"]], checkpoint["state_dict"]
         config, framing = cls.Config(**checkpoint["config"]), Framing(**checkpoint["framing"])
         if list(framing.input_size) != checkpoint["image_size"]:
             raise ValueError("its input size does not match its framing")
         with torch.device("meta"):  # shapes and dtypes only: a crafted config allocates nothing
             cls(config, checkpoint["image_size"], weights="empty").check_state(state)
+        if _digest(checkpoint) != checkpoint["sha256"]:  # after the checks: hashing copies every tensor
+            raise VadError(f"{path} is corrupted or was modified since it was saved (checksum mismatch); fit it again")
         detector = cls(config, checkpoint["image_size"], weights="empty")
         detector.framing = framing
         for name, tensor in state.items():  # fitted buffers have data-dependent shapes
@@ -2010,6 +2026,9 @@ def map_to_source(anomaly_map, source_size, framing, size=None):
     # ... which, scaled by (H1 / h, W1 / w), is this part of the image at the output size.
     y0, y1 = round((t - top) * H1 / h), round((b - top) * H1 / h)
     x0, x1 = round((l - left) * W1 / w), round((r - left) * W1 / w)
+    # an extreme crop can shrink the inspected part below one output pixel: keep one
+    y0, x0 = min(y0, H1 - 1), min(x0, W1 - 1)
+    y1, x1 = max(y1, y0 + 1), max(x1, x0 + 1)
     out = torch.full(size, float("nan"))
     out[y0:y1, x0:x1] = F.interpolate(part[None, None], size=(y1 - y0, x1 - x0), mode="bilinear",
                                       align_corners=False)[0, 0]
@@ -2743,6 +2762,7 @@ def bench_table(results):
 # -----------------------------------------------------------------------------
 # Heat maps, defect masks and regions
 
+MAX_OVERLAY_SIDE = 2048  # a heat map's long side: larger images are drawn scaled down (memory, not looks)
 _COLORS = np.array([[0, 0, 128], [0, 64, 255], [0, 224, 255], [255, 224, 0], [255, 32, 0]], dtype=np.float64)
 
 
@@ -2853,7 +2873,6 @@ MAX_PART_HEADER_BYTES = 8 * 2**10
 SERVE_WORKERS = 2  # requests decoded, scored and drawn at once; inference itself is one at a time
 MAX_WAITING = 64  # complete requests queued for a worker; more get 503
 BODY_BUDGET_BYTES = 256 * 2**20  # bodies held at once, arriving or queued (at least one --max-bytes body); more get 503
-MAX_OVERLAY_SIDE = 2048  # an overlay's long side: larger images are drawn scaled down
 LOG_SECONDS = 10.0  # dropped connections are logged as one summary line per interval
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vad: inspect an image</title>
@@ -3747,10 +3766,14 @@ def remove_stale_temporaries(path):
     no longer run (killed with SIGKILL, or by a power cut, before they could clean up).
     They are recognised by name, .NAME.PID.HEX.tmp; a running writer's are kept."""
     path = Path(path)
+    ours = re.compile(rf"\.{re.escape(path.name)}\.([0-9]{{1,9}})\.[0-9a-f]{{8}}\.tmp", re.ASCII)
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid, _, tag = tmp.name[len(path.name) + 2: -4].partition(".")
-        if pid.isdigit() and len(tag) == 8 and all(c in "0123456789abcdef" for c in tag) and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+        match = ours.fullmatch(tmp.name)
+        try:
+            if match and tmp.is_file() and not tmp.is_symlink() and not _alive(int(match.group(1))):
+                tmp.unlink()
+        except OSError:  # best effort: a file we cannot remove is left, never an error
+            pass
 
 
 def atomic_write(path, write):
@@ -3910,8 +3933,11 @@ def check_model_out(out, data, force):
     check_writable(out, "--out")
     if not (out.exists() or out.is_symlink()):
         return
-    if data is not None and is_image(out) and out.resolve().is_relative_to(Path(data).resolve()):
-        raise CliError(f"--out {out} is one of the training images in {data}; write the model elsewhere")
+    if data is not None and Path(data).is_dir():
+        target = out.resolve()
+        if (is_image(out) and target.is_relative_to(Path(data).resolve())) or \
+                any(p.resolve() == target for p in Path(data).rglob("*") if is_image(p)):
+            raise CliError(f"--out {out} is one of the training images in {data}; write the model elsewhere")
     if not force and not is_vad_model(out):
         raise CliError(f"--out {out} exists and is not a vad model file; choose another name, or add --force "
                        f"to replace it")
@@ -3924,7 +3950,7 @@ def _expand_inputs(inputs, null=False):
     for item in inputs:
         if item == "-":
             text = sys.stdin.buffer.read().decode(errors="surrogateescape")
-            entries = text.split("\0") if null else [line.strip() for line in text.splitlines()]
+            entries = text.split("\0") if null else [line.removesuffix("\r") for line in text.split("\n")]
             paths += [Path(entry) for entry in entries if entry]
         elif Path(item).is_dir():
             folders.append(Path(item))
@@ -3936,8 +3962,10 @@ def _expand_inputs(inputs, null=False):
 
 def tsv_field(text):
     """A path as one tab-separated field on one line: backslash, tab, newline and
-    carriage return written as \\\\, \\t, \\n and \\r (the escaping of PostgreSQL's text format)."""
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    carriage return written as \\\\, \\t, \\n and \\r (the escaping of PostgreSQL's text format),
+    and a NUL, which only an error message can hold, as \\0."""
+    return (text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+            .replace("\0", "\\0"))
 
 
 def output_paths(paths, folders, directory, option, suffix):
@@ -3957,19 +3985,33 @@ def output_paths(paths, folders, directory, option, suffix):
                        f"write the {option} to a folder outside it")
     parent = Path(os.path.commonpath([str(p.parent) for p in resolved]))
     outputs = {p: home / r.relative_to(parent).parent / (r.name + suffix) for p, r in zip(readable, resolved)}
-    clash = set(outputs.values()) & set(resolved)
-    if clash:
-        raise CliError(f"--{option} {directory} would replace the input {min(clash)}; choose another folder")
+    # Where each output really lands: a link inside DIR may lead into the inputs.
+    landing = {out.resolve() for out in outputs.values()}
+    clash = landing & set(resolved)
+    parents = {p.parent for p in resolved}
+    inside = [d for d in landing if d.parent in parents or any(d.is_relative_to(f.resolve()) for f in folders)]
+    if clash or inside:
+        raise CliError(f"--{option} {directory} would write into the images being scored "
+                       f"({min(clash) if clash else inside[0]}, through a link); choose another folder")
     return outputs
 
 
+def npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def _write_output(path, write):
-    """write(path) into a fresh folder if need be; a partial file is removed on failure."""
+    """write() a heat map, map or mask to a temporary file beside `path`, then rename it
+    there: a failure leaves what was at `path` untouched and removes only our own file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(path)
+        write(tmp)
+        os.replace(tmp, path)
     except BaseException:
-        path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -4025,6 +4067,11 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
                                                  ("masks", masks, ".mask.png")) if directory}
     pixel_threshold = float(detector.pixel_threshold)
     failed = unwritten = anomalous = 0
+
+    def heat_map(r):  # the map for a heat map: at the image's size, or scaled down as serve draws it
+        size = fit_within(r.source_size, MAX_OVERLAY_SIDE)
+        return anomaly_map if size == tuple(r.source_size) else map_to_source(r.anomaly_map, r.source_size,
+                                                                               detector.framing, size)
     for r in score_files(detector, paths, batch_size):
         if r.error:
             click.echo(f"error: {tsv_field(r.error)}", err=True)
@@ -4037,8 +4084,8 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
             regions, count = defect_regions(anomaly_map, pixel_threshold)
             record |= {"pixel_threshold": pixel_threshold, "regions": regions, "region_count": count}
         for option, key, write in (("heatmaps", "heatmap", lambda f: f.write_bytes(heatmap_png(detector, r.path,
-                                                                                                anomaly_map))),
-                                   ("maps", "map", lambda f: np.save(f, anomaly_map)),
+                                                                                                heat_map(r)))),
+                                   ("maps", "map", lambda f: f.write_bytes(npy_bytes(anomaly_map))),
                                    ("masks", "mask", lambda f: f.write_bytes(mask_png(anomaly_map, pixel_threshold)))):
             if option in outputs:
                 try:
