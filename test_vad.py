@@ -379,6 +379,35 @@ def test_scores_agree_across_threads_and_cpu_kernels(fitted, dataset):
 # PaDiM
 
 
+def test_oas_shrinkage_against_a_per_position_numpy_reference():
+    rng = np.random.default_rng(4)
+    d = 6
+    for n in (3, 8, 200):  # rank-deficient, barely full, plenty
+        x = rng.normal(size=(5, n, d)) * rng.uniform(0.5, 3, d)  # 5 positions
+        S = np.stack([np.cov(p, rowvar=False, bias=True) for p in x])  # maximum likelihood
+        shrunk, rho = vad.oas_shrink(torch.from_numpy(S), n)
+        for p in range(5):  # Chen et al. 2010, eq. 23, written out
+            tr, tr2 = np.trace(S[p]), np.trace(S[p] @ S[p])
+            r = min(1.0, ((1 - 2 / d) * tr2 + tr ** 2) / ((n + 1 - 2 / d) * (tr2 - tr ** 2 / d)))
+            np.testing.assert_allclose(rho[p].item(), r, rtol=1e-12)
+            np.testing.assert_allclose(shrunk[p].numpy(), (1 - r) * S[p] + r * tr / d * np.eye(d), rtol=1e-12)
+            assert np.linalg.eigvalsh(shrunk[p].numpy()).min() > 0  # invertible even when n <= d
+    assert rho.max() < 0.1  # with n = 200 >> d, almost the sample covariance
+    same, rho = vad.oas_shrink(torch.eye(3, dtype=torch.float64)[None] * 2, 10)  # already a scaled identity
+    assert torch.allclose(same, torch.eye(3, dtype=torch.float64) * 2) and rho.item() == 1
+
+
+def test_max_train_fits_on_a_seeded_subset(dataset):
+    a = fit_tiny("padim", dataset, max_train=6, holdout=0.34)
+    b = fit_tiny("padim", dataset, max_train=6, holdout=0.34)
+    assert a.info["images"] + a.info["held_out"] == 6 and torch.equal(a.mean, b.mean)
+    c = fit_tiny("padim", dataset, max_train=6, holdout=0.34, seed=1)
+    assert not torch.equal(a.mean, c.mean)  # another seed, another subset
+    oas = vad.fit(dataset, "padim", backbone="resnet18", weights="none", image_size=SIZE, device="cpu",
+                  max_train=6, holdout=0.34, settings=["d=40", "covariance=oas"])
+    assert oas.config.covariance == "oas" and torch.isfinite(oas.cholesky).all()
+
+
 def test_mahalanobis_matches_scipy():
     g = torch.Generator().manual_seed(0)
     P, d, B = 5, 4, 3

@@ -711,6 +711,23 @@ def check_layers(layers):
 # PaDiM: a Gaussian per position, Mahalanobis distances
 
 
+def oas_shrink(cov, n):
+    """Oracle Approximating Shrinkage (Chen et al., IEEE TSP 2010, eq. 23) of sample
+    covariances cov (P, d, d), the maximum-likelihood ones of n samples: (1 - rho) S +
+    rho tr(S)/d I with rho from tr(S) and tr(S^2) alone, so it needs nothing beyond the
+    sums PaDiM streams. With few samples S is rank-deficient and rho large; rho shrinks
+    toward 0 as n grows. Returns the shrunk covariances (new tensor) and rho (P,)."""
+    d = cov.shape[-1]
+    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    tr2 = cov.square().sum((-2, -1))  # tr(S^2) of a symmetric S
+    num = (1 - 2 / d) * tr2 + tr.square()
+    den = (n + 1 - 2 / d) * (tr2 - tr.square() / d)
+    rho = torch.where(den > 0, num / den.clamp_min(torch.finfo(cov.dtype).tiny), torch.ones_like(den)).clamp(0, 1)
+    shrunk = cov * (1 - rho)[:, None, None]
+    shrunk.diagonal(dim1=-2, dim2=-1).add_((rho * tr / d)[:, None])
+    return shrunk, rho
+
+
 def mahalanobis(x, mean, cholesky):
     """Mahalanobis distances of x (P, d, B) to P Gaussians, mean (P, d) and the lower
     Cholesky factor L (P, d, d) of each covariance: |L^-1 (x - mu)|, by one batched
@@ -729,6 +746,7 @@ class PaDiMConfig:
     # accuracy (README) and is used for every backbone.
     d: int = 100
     eps: float = 0.01  # covariance regularizer eps*I, the PaDiM reference code's value
+    covariance: str = "sample"  # sample (eq. 1 of the paper) or oas: shrunk toward a scaled identity (oas_shrink)
     blur_sigma: float = BLUR_SIGMA
 
     def __post_init__(self):
@@ -737,6 +755,8 @@ class PaDiMConfig:
             raise ValueError("d must be a positive number of channels")
         if self.eps <= 0:
             raise ValueError("eps must be > 0 (it keeps the covariance invertible)")
+        if self.covariance not in ("sample", "oas"):
+            raise ValueError("covariance must be sample or oas")
 
 
 class PaDiM(Detector):
@@ -800,12 +820,15 @@ class PaDiM(Detector):
                 n += B
         if n < 2:
             raise VadError("PaDiM needs at least 2 training images")
-        if n <= d:
+        if n <= d and self.config.covariance == "sample":
             warn(f"PaDiM fitted on {n} images for d={d} feature dimensions: each covariance is "
-                 f"rank-deficient and held up by eps*I alone; use more than {d} normal images")
+                 f"rank-deficient and held up by eps*I alone; use more than {d} normal images, or -s covariance=oas")
         with timed("covariance", self.device):
             m = s1 / n
-            cov = s2.sub_(n * m @ m.transpose(1, 2)).div_(n - 1)  # unbiased, as eq. 1 of the paper; in place
+            if self.config.covariance == "oas":  # on the maximum-likelihood estimate, as Chen et al.
+                cov, _ = oas_shrink(s2.sub_(n * m @ m.transpose(1, 2)).div_(n), n)
+            else:
+                cov = s2.sub_(n * m @ m.transpose(1, 2)).div_(n - 1)  # unbiased, as eq. 1 of the paper; in place
             cov.diagonal(dim1=1, dim2=2).add_(self.config.eps)
             self.mean = (m + shift.double())[..., 0].float()
             self.cholesky = torch.linalg.cholesky(cov).float()
@@ -2345,6 +2368,7 @@ class RunOptions:
     holdout: float = HOLDOUT
     batch_size: int = BATCH_SIZE
     epochs: typing.Optional[int] = None  # of the detectors that train; None: their config's own
+    max_train: typing.Optional[int] = None  # fit on a seeded subset of this many training images
     settings: tuple = ()  # detector settings, "KEY=VALUE" strings (make_config)
 
     def __post_init__(self):
@@ -2369,6 +2393,12 @@ def fit(data, model="patchcore", options=None, **overrides):
         dataset = read_dataset(data)
         note(f"--data {data}: {dataset.layout}, {len(dataset.train)} good training images")
         paths = dataset.train
+    if o.max_train is not None:
+        if o.max_train < 2:
+            raise VadError(f"--max-train {o.max_train}: give at least 2 images")
+        if o.max_train < len(paths):
+            keep = torch.randperm(len(paths), generator=torch.Generator().manual_seed(o.seed))[: o.max_train]
+            paths = [paths[i] for i in sorted(keep.tolist())]
     if not 0 <= o.holdout < 1:
         raise VadError(f"--holdout {o.holdout}: must be in [0, 1)")
     fit_idx, held_idx = split_holdout(len(paths), o.holdout, o.seed)
@@ -2718,7 +2748,8 @@ def bench(data_dirs=None, models=("padim", "patchcore"), options=None, **overrid
             results.append({"category": dataset.name, "model": model,
                             "backbone": getattr(detector.config, "backbone", "-"), "weights": str(o.weights),
                             "image_size": o.image_size, "resize": o.resize, "tile": o.tile, "dtype": detector.precision,
-                            "train_images": len(dataset.train), "test_images": len(dataset.test), **metrics,
+                            "train_images": min(len(dataset.train), o.max_train or len(dataset.train)),
+                            "test_images": len(dataset.test), **metrics,
                             "fit_seconds": fit_seconds, "fit_stages": fit_stages,
                             "fit_detector_pct": _share(fit_stages, fit_seconds, "backbone", "features", "load"),
                             "images_per_second": 1000 / metrics["score_ms_per_image"], "score_stages": score_stages,
@@ -3841,6 +3872,8 @@ def fit_options(f):
                      help="Fraction of normal training images kept out to calibrate the threshold."),
         click.option("--epochs", type=click.IntRange(1), default=d.epochs, help="Training epochs of the detectors "
                      "that train (efficientad, autoencoder) [default: their own]."),
+        click.option("--max-train", type=click.IntRange(2), default=d.max_train, help="Fit on a seeded subset of "
+                     "this many training images (to see how a detector does with few) [default: all]."),
         click.option("-s", "--set", "settings", multiple=True, metavar="KEY=VALUE",
                      help="Detector setting, repeatable (e.g. -s coreset_ratio=0.01); see the README."),
     ])
@@ -4199,6 +4232,7 @@ def bench_command(models, data, more_data, json_file, quiet, **options):
     label = {"none": "random init (NOT pretrained)", "imagenet": "torchvision ImageNet"}.get(o.weights, o.weights)
     source = ", ".join(map(str, dirs)) if dirs else "the embedded synthetic set (a smoke test, not a benchmark)"
     framing = f"image size {o.image_size} {o.resize}" + (f", tiles {o.tile} overlap {o.tile_overlap}" if o.tile else "")
+    framing += f"; at most {o.max_train} training images" if o.max_train else ""
     dtype = results[0]["dtype"] if results else o.precision
     where = results[0]["machine"] if results else machine()
     click.echo(f"data: {source}\nweights: {label}; {framing}; {dtype}; seed {o.seed}; vad {__version__}\n"
