@@ -20,6 +20,7 @@ Usage:
     python vad.py fit --model padim --data kolektorsdd --image-size 640x256   # H x W
     python vad.py fit --model patchcore --data web/ --image-size native --tile 256
     python vad.py serve bottle-padim.pt                            # browser page + JSON API
+    python vad.py calibrate bottle-padim.pt --good line3/ok --target-frr 0.005
 
 Python API:
     import vad
@@ -44,9 +45,9 @@ Contents (in file order):
     Image I/O               placement in the frame, tiles and their stitching, images, masks, data sets
     API                     score_files, RunOptions, fit, metrics, evaluate
     Bench                   bench and the embedded synthetic set
-    Heat maps, Serving      overlays; the upload-and-inspect page and JSON endpoint
+    Heat maps, Serving      overlays, defect masks and regions; the upload-and-inspect page and JSON endpoint
     Plumbing                progress bars, stage timers, prefetching, peak memory, atomic writes
-    CLI                     fit, score, bench, serve
+    CLI                     fit, score, calibrate, bench, serve
 
 References:
     Report      "Visual Anomaly Detection and Segmentation for Industrial Inspection"
