@@ -3808,20 +3808,23 @@ def remove_stale_temporaries(path):
             pass
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, durable=True):
     """Call write(tmp_path), then rename onto `path`: readers see the old file or the
     whole new one, never a partial one, whatever interrupts the write (SIGINT and SIGTERM
-    clean up here; what a SIGKILL leaves, the next write to `path` removes)."""
+    clean up here; what a SIGKILL leaves, the next durable write to `path` removes).
+    durable=False (score's many heat maps and maps) skips the fsync and that clean-up."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
+    if durable:
+        remove_stale_temporaries(path)
     # Same folder (rename is atomic only within a file system); created by write() itself
     # so the file gets the usual permissions, not mkstemp's 0600.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -4036,19 +4039,6 @@ def npy_bytes(array):
     return buffer.getvalue()
 
 
-def _write_output(path, write):
-    """write() a heat map, map or mask to a temporary file beside `path`, then rename it
-    there: a failure leaves what was at `path` untouched and removes only our own file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 @cli.command("score")
 @click.argument("model_file", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True)
@@ -4123,7 +4113,8 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
                                    ("masks", "mask", lambda f: f.write_bytes(mask_png(anomaly_map, pixel_threshold)))):
             if option in outputs:
                 try:
-                    _write_output(outputs[option][r.path], write)
+                    # a failed write leaves an older file at that name untouched
+                    atomic_write(outputs[option][r.path], write, durable=False)
                     record[key] = str(outputs[option][r.path])
                 except OSError as e:
                     click.echo(f"error: cannot write the {key} of {tsv_field(str(r.path))} to "
