@@ -2496,18 +2496,23 @@ def classification(scores, labels, threshold):
     return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float((pred == y).mean())}
 
 
-def f1_max(scores, labels):
-    """The best F1 over every threshold on these scores. An oracle: it looks at the test
-    labels, so it bounds what a threshold could do; it is not a deployable number."""
+def _f1_curve(scores, labels):
+    """(the distinct scores, highest first; the F1 when every score at or above each one
+    is called anomalous), in one sort."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     tp, fp = np.cumsum(y), np.cumsum(~y)
     last = np.r_[s[1:] != s[:-1], True]
-    tp, fp = tp[last], fp[last]
-    f1 = 2 * tp / (tp + fp + y.sum())
-    return float(f1.max()) if y.any() else 0.0
+    return s[last], 2 * tp[last] / (tp[last] + fp[last] + y.sum())
+
+
+def f1_max(scores, labels):
+    """The best F1 over every threshold on these scores. An oracle: it looks at the test
+    labels, so it bounds what a threshold could do; it is not a deployable number."""
+    _, f1 = _f1_curve(scores, labels)
+    return float(f1.max()) if np.any(labels) else 0.0
 
 
 def threshold_for_frr(good, target_frr):
@@ -2521,12 +2526,10 @@ def threshold_for_f1(good, bad):
     """The threshold with the best F1 on labelled scores (anomalous = score > threshold):
     each candidate sits half-way between two neighbouring distinct scores, and on a tie
     the highest threshold wins (fewer false rejects)."""
-    scores = np.concatenate([good, bad]).astype(np.float64)
-    labels = np.r_[np.zeros(len(good), bool), np.ones(len(bad), bool)]
-    values = np.unique(scores)
-    candidates = np.r_[values[0] - 1.0, (values[:-1] + values[1:]) / 2, values[-1]]
-    f1 = [classification(scores, labels, t)["f1"] for t in candidates]
-    return float(candidates[len(f1) - 1 - int(np.argmax(f1[::-1]))])
+    values, f1 = _f1_curve(np.r_[good, bad], np.r_[np.zeros(len(good), bool), np.ones(len(bad), bool)])
+    i = int(np.argmax(f1))  # the first best, highest first: the highest threshold
+    below = values[i + 1] if i + 1 < len(values) else values[i] - 1.0
+    return float((values[i] + below) / 2)
 
 
 def confusion(good, bad, threshold):
