@@ -658,7 +658,7 @@ def test_epochs_option_reaches_the_trained_detectors(dataset, tmp_path):
     r = cli("bench", "--model", "padim", "--model", "autoencoder", "--data", dataset, "--epochs", 1, *TINY,
             "-s", "padim.d=30", "-s", "top_k=5")
     assert r.exit_code == 0, r.output
-    assert "| tiles | autoencoder | - |" in r.stdout
+    assert "| tiles | autoencoder | torch | - |" in r.stdout
     r = cli("bench", "--model", "padim", "--data", dataset, *TINY, "-s", "top_k=5")
     assert r.exit_code == 2 and "no such setting for padim" in r.stderr
 
@@ -1084,6 +1084,192 @@ def test_classification_and_f1_max_against_brute_force():
     assert vad.f1_max(scores, labels) == pytest.approx(brute)
 
 # -----------------------------------------------------------------------------
+# Export: ONNX graphs checked against the .pt, scored by ONNX Runtime (the optional
+# extras: .ci/run installs them, so these never skip in CI)
+
+
+def needs_export_extras():
+    if os.environ.get("CI"):  # CI installs them: a missing extra is a failure there, not a skip
+        import onnx, onnxruntime  # noqa: F401,E401
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="session")
+def exported(fitted, tmp_path_factory):
+    """Every session model exported to a .onnx file."""
+    needs_export_extras()
+    folder = tmp_path_factory.mktemp("onnx")
+    for name, detector in fitted.items():
+        (folder / f"{name}.onnx").write_bytes(vad.export(detector))
+    return {name: folder / f"{name}.onnx" for name in fitted}
+
+
+@pytest.mark.parametrize("name", list(vad.DETECTORS))
+def test_export_scores_as_the_pt_does(name, fitted, exported, dataset):
+    """The export's parity check, as a test on the test images: score_files through the
+    .pt (torch) and through its export (ONNX Runtime), in batches of 1 and 5 (the batch
+    is dynamic): image scores to 1e-4 and maps to 1e-3, relative to the largest value;
+    the same thresholds, framing and verdicts."""
+    tests = vad.read_dataset(dataset).test
+    reference = list(vad.score_files(fitted[name], tests, desc=None))
+    model = vad.OnnxModel(exported[name])
+    assert model.name == name and model.framing == fitted[name].framing
+    assert float(model.threshold) == float(fitted[name].threshold)
+    assert float(model.pixel_threshold) == float(fitted[name].pixel_threshold)
+    s_ref, m_ref = np.array([r.score for r in reference]), np.stack([r.anomaly_map for r in reference])
+    for batch_size in (1, 5):
+        ours = list(vad.score_files(model, tests, batch_size, desc=None))
+        s, m = np.array([r.score for r in ours]), np.stack([r.anomaly_map for r in ours])
+        assert np.abs(s - s_ref).max() <= 1e-4 * np.abs(s_ref).max()
+        assert np.abs(m - m_ref).max() <= 1e-3 * np.abs(m_ref).max()
+        assert [r.verdict for r in ours] == [r.verdict for r in reference]
+
+
+def test_export_metadata_and_cli(fitted, model_file, dataset, tmp_path):
+    needs_export_extras()
+    import onnx
+    r = cli("export", model_file, "--check-images", vad.read_dataset(dataset).test[0], "-q")
+    out = model_file.with_suffix(".onnx")
+    assert r.exit_code == 0 and r.stdout.strip() == str(out), r.output
+    meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
+    checkpoint = torch.load(model_file, weights_only=True)
+    assert meta["vad.format"] == "vad-onnx" and meta["vad.detector"] == "padim"
+    assert meta["vad.threshold"] == checkpoint["threshold"]
+    assert meta["vad.framing"] == json.loads(json.dumps(checkpoint["framing"]))
+    assert meta["vad.source_sha256"] == checkpoint["sha256"] and meta["vad.input_size"] == [SIZE, SIZE]
+    assert "10 inputs" in meta["vad.parity"]  # 9 synthetic, 1 checked image
+    r = cli("score", out, *vad.read_dataset(dataset).test[:2], "-q")  # a .onnx scores where a .pt does
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2, r.output
+    # nothing overwritten that vad did not write; an export is not exported again
+    other = tmp_path / "notes.onnx"
+    other.write_text("mine")
+    r = cli("export", model_file, "--out", other, "-q")
+    assert r.exit_code == 2 and "not a vad model" in r.stderr and other.read_text() == "mine"
+    assert cli("export", out, "-q").exit_code == 2
+    r = cli("export", model_file, "--out", tmp_path / "m.txt", "-q")
+    assert r.exit_code == 2 and ".onnx" in r.stderr
+    r = cli("calibrate", out, "--good", vad.read_dataset(dataset).test[0])
+    assert r.exit_code == 2 and "calibrate the .pt" in r.stderr
+
+
+def test_export_refuses_a_graph_that_scores_differently(model_file, tmp_path, monkeypatch):
+    """A graph 1% off in its scores (a stand-in for an export bug) is refused with the
+    largest difference, and no file is written."""
+    needs_export_extras()
+
+    class Off(vad.PaDiMGraph):
+        def forward(self, images):
+            scores, maps = super().forward(images)
+            return scores * 1.01, maps
+    monkeypatch.setitem(vad.GRAPHS, "padim", Off)
+    r = cli("export", model_file, "--out", tmp_path / "m.onnx", "-q")
+    assert r.exit_code == 2 and "does not score as the model does" in r.stderr and "scores 0.01" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and list(tmp_path.glob("*.onnx*")) == []
+
+
+def test_crafted_onnx_files_are_refused_in_one_line(exported, dataset, tmp_path):
+    needs_export_extras()
+    import onnx
+    image = vad.read_dataset(dataset).test[0]
+
+    def variant(name, change):
+        model = onnx.load(exported["padim"])
+        props = {p.key: p.value for p in model.metadata_props}
+        change(props)
+        del model.metadata_props[:]
+        for k, v in props.items():
+            model.metadata_props.add(key=k, value=v)
+        onnx.save(model, tmp_path / f"{name}.onnx")
+        return tmp_path / f"{name}.onnx"
+
+    cases = {
+        "garbage": (tmp_path / "garbage.onnx", "not a model ONNX Runtime can run"),
+        "plain": (variant("plain", lambda p: p.clear()), "no vad metadata"),
+        "nan": (variant("nan", lambda p: p.update({"vad.threshold": "NaN"})), "not a finite number"),
+        "framing": (variant("framing", lambda p: p.update({"vad.framing": json.dumps(
+            {"size": [SIZE, SIZE], "resize": "fit", "tile": 5, "overlap": 0.25})})), "framing is not valid"),
+        "size": (variant("size", lambda p: p.update({"vad.input_size": "[32, 32]", "vad.framing": json.dumps(
+            {"size": [32, 32], "resize": "fit", "tile": None, "overlap": 0.25})})), "not images (N, 3, 32, 32)"),
+        "extra": (variant("extra", lambda p: p.update({"vad.extra": "1"})), "unexpected metadata keys"),
+    }
+    (tmp_path / "garbage.onnx").write_bytes(os.urandom(4096))
+    for path, message in cases.values():
+        r = cli("score", path, image)
+        assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.output, (path, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_export_extras_missing_is_one_line(model_file, dataset, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as when not installed
+    for args in (("export", model_file), ("score", model_file.with_suffix(".onnx"), vad.read_dataset(dataset).test[0])):
+        r = cli(*args)
+        assert r.exit_code == 2 and "pip install onnx onnxruntime" in r.stderr, r.output
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def readme_script():
+    text = (Path(vad.__file__).parent / "README.md").read_text()
+    return re.search(r'```python\n("""Score images with a model from `vad.py export`.*?)```', text, re.S)[1]
+
+
+NO_TORCH = "import sys, runpy; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0])"
+
+
+def test_readme_no_torch_script_scores_as_vad(exported, fitted, dataset, tmp_path):
+    """The README's script, run with torch made unimportable, gives the scores and
+    verdicts vad gives with the same .onnx (and the .pt's to 1e-4); its --serve mode
+    answers /health and /score."""
+    needs_export_extras()
+    script = tmp_path / "score_onnx.py"
+    script.write_text(readme_script())
+    tests = vad.read_dataset(dataset).test
+    run = subprocess.run([sys.executable, "-c", NO_TORCH, script, exported["padim"], *tests],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    ours = list(vad.score_files(vad.OnnxModel(exported["padim"]), tests, desc=None))
+    assert [line["path"] for line in lines] == [str(p) for p in tests]
+    assert [line["verdict"] for line in lines] == [r.verdict for r in ours]
+    np.testing.assert_allclose([line["score"] for line in lines], [r.score for r in ours], rtol=1e-6)
+    reference = [r.score for r in vad.score_files(fitted["padim"], tests, desc=None)]
+    np.testing.assert_allclose([line["score"] for line in lines], reference, rtol=1e-4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", NO_TORCH, script, exported["padim"], "--serve", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert http(f"http://127.0.0.1:{port}/health", timeout=5) == (200, {"status": "ok"})
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline and server.poll() is None, server.stderr.read()
+                time.sleep(0.2)
+        status, result = http(f"http://127.0.0.1:{port}/score", tests[-1].read_bytes())
+        assert status == 200 and result["score"] == pytest.approx(lines[-1]["score"], rel=1e-6)
+        assert http(f"http://127.0.0.1:{port}/score", b"not an image")[0] == 400
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_bench_runtimes_give_the_same_aurocs(dataset):
+    needs_export_extras()
+    rows = vad.bench([dataset], ["padim"], vad.RunOptions(backbone="resnet18", weights="none", image_size=SIZE,
+                                                          device="cpu", settings=tuple(FAST["padim"])),
+                     runtimes=("torch", "onnxruntime"))
+    torch_row, onnx_row = rows
+    assert (torch_row["runtime"], onnx_row["runtime"]) == ("torch", "onnxruntime")
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert abs(torch_row[key] - onnx_row[key]) <= 1e-4, key
+    assert "| tiles | padim | onnxruntime | resnet18 |" in vad.bench_table(rows)
+    with pytest.raises(vad.VadError, match="--runtime"):
+        vad.bench([dataset], ["padim"], runtimes=("tensorrt",))
+
+# -----------------------------------------------------------------------------
 # Bench and the synthetic set
 
 
@@ -1179,7 +1365,7 @@ def test_cli_fit_score_bench(dataset, tmp_path):
 
     r = cli("bench", "--model", "padim", "--data", dataset, "--json", tmp_path / "b.json", *TINY, "-s", "d=40")
     assert r.exit_code == 0, r.output
-    assert "| tiles | padim | resnet18 |" in r.stdout and "F1-max (oracle)" in r.stdout
+    assert "| tiles | padim | torch | resnet18 |" in r.stdout and "F1-max (oracle)" in r.stdout
     result = json.loads((tmp_path / "b.json").read_text())[0]
     assert result["image_auroc"] >= 0.9 and result["peak_mb"] > 0
     where = result["machine"]  # where it ran, in the header and the JSON
@@ -1273,6 +1459,27 @@ def test_cli_score_reports_unreadable_and_scores_the_rest(fitted, dataset, tmp_p
     assert r.exit_code == 3
     assert len(r.stdout.splitlines()) == 3 and "broken.png" not in r.stdout
     assert "broken.png" in r.stderr
+
+
+def test_cli_score_shards_cover_every_input_once_in_order(model_file, dataset):
+    """--shard K/N for K = 0..N-1: every input in exactly one shard, and the shards'
+    outputs joined in K order are the unsharded output (scores to rounding: a shard's
+    batches hold other images, and batched kernels round differently); N larger than
+    the inputs leaves some shards empty."""
+    tests = vad.read_dataset(dataset).test
+    whole = cli("score", model_file, dataset / "test", "-q")
+    assert whole.exit_code == 0 and len(whole.stdout.splitlines()) == len(tests)
+    for n in (1, 3, len(tests) + 2):
+        parts = [cli("score", model_file, dataset / "test", "--shard", f"{k}/{n}", "-q") for k in range(n)]
+        assert all(r.exit_code == 0 for r in parts)
+        joined = [line.split("\t") for r in parts for line in r.stdout.splitlines()]
+        expected = [line.split("\t") for line in whole.stdout.splitlines()]
+        assert [(p, v) for p, _, v in joined] == [(p, v) for p, _, v in expected]
+        np.testing.assert_allclose([float(s) for _, s, _ in joined], [float(s) for _, s, _ in expected], rtol=1e-5)
+        assert max(len(r.stdout.splitlines()) for r in parts) - min(len(r.stdout.splitlines()) for r in parts) <= 1
+    for bad in ("3/3", "1/0", "a/b", "-1/2", "1"):
+        r = cli("score", model_file, dataset / "test", "--shard", bad)
+        assert r.exit_code == 2 and "--shard" in r.stderr and len(r.stderr.strip().splitlines()) == 1, bad
 
 
 def test_cli_usage_errors_are_one_line(dataset, tmp_path):
@@ -1916,6 +2123,17 @@ def test_serve_keeps_alive_and_answers_pipelined_requests_in_order(server, datas
     two = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     answer = raw(server, two)
     assert answer[0] == 200 and answer[2] == {"status": "ok", "models": 2}
+
+
+def test_serve_scores_with_an_exported_model(exported, fitted, dataset):
+    """A .onnx serves as its .pt does: the same /models entry, scores to 1e-4."""
+    with serving({"tiles-padim": vad.OnnxModel(exported["padim"])}) as (_, url):
+        status, models = http(url + "/models")
+        assert status == 200 and models[0]["threshold"] == float(fitted["padim"].threshold)
+        path = vad.read_dataset(dataset).test[-1]
+        status, result = http(url + "/score", path.read_bytes())
+        expected = next(vad.score_files(fitted["padim"], [path], desc=None)).score
+        assert status == 200 and result["score"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_cli_serve_refuses_duplicate_names(fitted, tmp_path):

@@ -21,6 +21,8 @@ Usage:
     python vad.py fit --model patchcore --data web/ --image-size native --tile 256
     python vad.py serve bottle-padim.pt                            # browser page + JSON API
     python vad.py calibrate bottle-padim.pt --good line3/ok --target-frr 0.005
+    python vad.py export bottle-padim.pt                           # -> bottle-padim.onnx (pip install onnx onnxruntime)
+    python vad.py score bottle-padim.onnx images/*.png --shard 0/4   # ONNX Runtime; the first of 4 slices
 
 Python API:
     import vad
@@ -44,10 +46,11 @@ Contents (in file order):
     Model files             save, load (one .pt, weights_only, every field and tensor checked)
     Image I/O               placement in the frame, tiles and their stitching, images, masks, data sets
     API                     score_files, RunOptions, fit, metrics, evaluate
+    Export                  one ONNX graph per model, parity-checked; scoring it with ONNX Runtime
     Bench                   bench and the embedded synthetic set
     Heat maps, Serving      overlays, defect masks and regions; the upload-and-inspect page and JSON endpoint
     Plumbing                progress bars, stage timers, prefetching, peak memory, atomic writes
-    CLI                     fit, score, calibrate, bench, serve
+    CLI                     fit, score, calibrate, export, bench, serve
 
 References:
     Report      "Visual Anomaly Detection and Segmentation for Industrial Inspection"
@@ -84,6 +87,7 @@ import functools
 import glob
 import hashlib
 import http
+import importlib
 import io
 import json
 import math
@@ -99,6 +103,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import typing
 import urllib.parse
 import warnings
@@ -545,7 +550,7 @@ def upsample_and_blur(patch_maps, size, sigma=BLUR_SIGMA):
     Gaussian blur, as both PaDiM and PatchCore post-process. Both steps are separable and
     linear, so the whole thing is A_h @ map @ A_w^T with A = blur @ upsample, two small
     matrix products instead of a 33-tap convolution over every output pixel."""
-    B, h, w = patch_maps.shape
+    h, w = (int(n) for n in patch_maps.shape[-2:])  # plain ints under an ONNX trace too: cache keys
     H, W = (size, size) if isinstance(size, int) else size
     with timed("maps", patch_maps.device):
         A_h = _postprocess_matrix(h, H, float(sigma), patch_maps.device, patch_maps.dtype)
@@ -642,6 +647,7 @@ class Detector(nn.Module):
         self.register_buffer("map_low", torch.tensor(0.0))  # typical normal map value (heat-map colour scale)
         self.precision = "fp32"  # number format of the backbone and of training (set_precision)
         self.info = {}  # how it was fitted (data, weights, seed, image counts): fit() and load() fill it
+        self.sha256 = None  # the checksum of the model file it was loaded from (export records it)
 
     @property
     def device(self):
@@ -1463,10 +1469,13 @@ class EfficientAD(FusedMapDetector):
 # Autoencoder and SSIM
 
 
-def gaussian_window(size=11, sigma=1.5):
-    """The SSIM paper's 11x11 Gaussian window (sigma 1.5), as a (1, 1, 11, 11) kernel."""
+@functools.lru_cache(maxsize=8)
+def gaussian_window(channels, size=11, sigma=1.5):
+    """The SSIM paper's 11x11 Gaussian window (sigma 1.5), as a (channels, 1, 11, 11)
+    kernel for a grouped convolution. Cached: built once, it is a constant to an ONNX
+    trace, not operations whose shape depends on the input's (export)."""
     k = gaussian_kernel(sigma, truncate=(size // 2) / sigma)
-    return (k[:, None] * k[None, :]).float()[None, None]
+    return (k[:, None] * k[None, :]).float()[None, None].expand(channels, 1, -1, -1)
 
 
 def ssim_map(x, y, data_range=1.0):
@@ -1474,7 +1483,7 @@ def ssim_map(x, y, data_range=1.0):
     window, sigma 1.5, K1 = 0.01, K2 = 0.03), averaged over channels -> (B, H, W).
     Borders are mirrored (scipy.ndimage mode="mirror")."""
     B, C, H, W = x.shape
-    w = gaussian_window().to(x).expand(C, 1, -1, -1)
+    w = gaussian_window(int(C)).to(x)
     r = w.shape[-1] // 2
 
     def filt(z):
@@ -1805,7 +1814,7 @@ def load(path, device="cpu", precision="model"):
             from None
     except Exception as e:
         raise VadError(f"{path} is not a valid vad model ({type(e).__name__}: {e}); fit it again") from None
-    detector.info = checkpoint["info"]
+    detector.info, detector.sha256 = checkpoint["info"], checkpoint["sha256"]
     detector = detector.to(pick_device(device)).eval()
     return detector.set_precision(checkpoint["precision"] if precision == "model" else
                                   pick_precision(precision, detector.device))
@@ -2576,6 +2585,337 @@ def evaluate(detector, dataset, batch_size=BATCH_SIZE):
     return result
 
 # -----------------------------------------------------------------------------
+# Export: one ONNX graph per model, checked against the .pt before it is written
+#
+# An exported graph takes model inputs as score() does, images (N, 3, H, W) float32 RGB
+# in [0, 1] at the model's input size (the ImageNet normalization is inside), and
+# returns (scores (N,), maps (N, H, W)). Framing, thresholds and provenance travel in
+# its metadata, so ONNX Runtime alone can score with it (README, "Export").
+
+ONNX_FORMAT = "vad-onnx"
+ONNX_FORMAT_VERSION = 1
+ONNX_OPSET = 17
+ONNX_EXTRAS = "pip install onnx onnxruntime"
+EXPORT_TOLERANCE = {"scores": 1e-4, "maps": 1e-3}  # largest difference, relative to the largest value
+ONNX_META_KEYS = {"format", "format_version", "vad_version", "detector", "backbone", "input_size", "framing",
+                  "threshold", "pixel_threshold", "map_low", "image_score", "info", "source_sha256", "parity"}
+
+
+def optional_import(module):
+    """An optional package (export, .onnx scoring), or one line saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise VadError(f"this needs {module}, which is not installed: {ONNX_EXTRAS}") from None
+
+
+def nearest_indices(n, size):
+    """The source index of each of `size` samples when torch resizes n samples with
+    mode="nearest": resampling becomes a gather, which ONNX runs exactly as torch does."""
+    return F.interpolate(torch.arange(n, dtype=torch.float32)[None, None], size=size, mode="nearest")[0, 0].long()
+
+
+class PaDiMGraph(nn.Module):
+    """PaDiM's score in ONNX's operators: the chosen channels and the nearest-neighbour
+    resampling to layer 1's grid as gathers by fixed indices, and the Mahalanobis
+    distance as |L^-1 (x - mu)| with the inverse Cholesky factors formed once, in fp64
+    (ONNX has no triangular solve)."""
+
+    def __init__(self, padim):
+        super().__init__()
+        self.padim = padim
+        with torch.no_grad():
+            shapes = [f.shape[-2:] for f in padim.backbone(torch.zeros(1, 3, *padim.input_size))]
+        self.grid = shapes[0]
+        self.gathers, offset = [], 0
+        for C, (h, w) in zip(padim.backbone.channels, shapes):
+            own = padim.channels[(padim.channels >= offset) & (padim.channels < offset + C)] - offset
+            self.gathers.append((own, nearest_indices(h, self.grid[0]), nearest_indices(w, self.grid[1])))
+            offset += C
+        eye = torch.eye(padim.config.d, dtype=torch.float64).expand_as(padim.cholesky)
+        self.register_buffer("inverse", torch.linalg.solve_triangular(padim.cholesky.double(), eye, upper=False).float())
+
+    def forward(self, images):
+        parts = [f.index_select(1, own).index_select(2, rows).index_select(3, cols)
+                 for f, (own, rows, cols) in zip(self.padim.backbone(images), self.gathers)]
+        x = torch.cat(parts, 1).flatten(2).permute(2, 1, 0)  # (P, d, B)
+        dist = (self.inverse @ (x - self.padim.mean[..., None])).square().sum(1).sqrt()  # (P, B)
+        maps = upsample_and_blur(dist.T.reshape(-1, *self.grid), self.padim.input_size, self.padim.config.blur_sigma)
+        return maps.amax((1, 2)), maps
+
+
+class PatchCoreGraph(nn.Module):
+    """PatchCore's score in ONNX's operators: the same patch features, and each nearest
+    neighbour by exhaustive search over blocks of bank rows. The cell search prunes with
+    data-dependent control flow; visiting every row finds the same neighbours, up to
+    floating-point ties, and the winner's distance is recomputed directly as there.
+    Then eq. 7, as PatchCore.score."""
+
+    def __init__(self, patchcore, batch=BATCH_SIZE):
+        super().__init__()
+        self.patchcore = patchcore
+        with torch.no_grad():
+            shapes = [f.shape[-2:] for f in patchcore.backbone(torch.zeros(1, 3, *patchcore.input_size))]
+        (h, w), C = shapes[0], sum(patchcore.backbone.channels)
+        self.grid = (h, w)
+        # bilinear resampling of the deeper layers as two small matrix products, torch's weights exactly
+        self.resample = [None if s == (h, w) else (upsample_matrix(s[0], h).float(), upsample_matrix(s[1], w).float())
+                         for s in shapes]
+        e = patchcore.config.embed_dim  # adaptive average pooling over channels is linear: a (C, e) matrix
+        self.pool = F.adaptive_avg_pool1d(torch.eye(C)[:, None], e)[:, 0] if e else None
+        self.block = max(256, CHUNK_BYTES // (4 * batch * h * w))  # bank rows per block of the search
+        self.register_buffer("bank_sq", torch.linalg.vector_norm(patchcore.memory_bank, dim=1).square())
+
+    def forward(self, images):
+        pc, bank = self.patchcore, self.patchcore.memory_bank
+        parts = []
+        for f, resample in zip(pc.backbone(images), self.resample):
+            f = F.avg_pool2d(f, 3, 1, 1)  # as PatchCore.embed: sec. 3.1, zero padded
+            parts.append(f if resample is None else resample[0] @ f @ resample[1].T)
+        x = torch.cat(parts, 1).permute(0, 2, 3, 1)  # (B, h, w, C)
+        if self.pool is not None:
+            x = x @ self.pool
+        hw, C = self.grid[0] * self.grid[1], x.shape[-1]
+        patches = x.reshape(-1, C) - pc.bank_origin  # (B*h*w, C)
+        found, index = [], []
+        for a in range(0, len(bank), self.block):
+            best, i = ranking_distances(patches, bank[a: a + self.block], self.bank_sq[a: a + self.block]).min(1)
+            found.append(best)
+            index.append(i + a)
+        nearest = torch.stack(index, 1).gather(1, torch.stack(found, 1).argmin(1, keepdim=True))[:, 0]
+        dist = torch.linalg.vector_norm(patches - bank[nearest], dim=1).reshape(-1, hw)  # (B, h*w)
+        maps = upsample_and_blur(dist.reshape(-1, *self.grid), pc.input_size, pc.config.blur_sigma)
+        worst = dist.argmax(1, keepdim=True)  # (B, 1)
+        s_star = dist.gather(1, worst)[:, 0]
+        k = min(pc.config.num_neighbors, len(bank))
+        if k < 2:
+            return s_star, maps
+        m_test = patches.reshape(-1, hw, C).gather(1, worst[..., None].repeat(1, 1, C))[:, 0]  # (B, C)
+        m_star = bank[nearest.reshape(-1, hw).gather(1, worst)[:, 0]]
+        support = ranking_distances(m_star, bank, self.bank_sq).topk(k, dim=1, largest=False).indices  # (B, k)
+        d = torch.linalg.vector_norm(m_test[:, None] - bank[support], dim=2)
+        return (1 - torch.exp(s_star - torch.logsumexp(d, 1))) * s_star, maps
+
+
+class ScoreGraph(nn.Module):
+    """A detector whose score() is made of ONNX's operators already (EfficientAD: two
+    networks and their fused maps; the autoencoder with its SSIM map)."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images):
+        return self.detector.score(images)
+
+
+GRAPHS = {"padim": PaDiMGraph, "patchcore": PatchCoreGraph, "efficientad": ScoreGraph, "autoencoder": ScoreGraph}
+
+
+def image_score_rule(detector):
+    """How a stitched or letterboxed map is scored (Detector.map_score): "max" or "topk:K"."""
+    config = detector.config
+    return f"topk:{config.top_k}" if getattr(config, "image_score", "max") == "topk" else "max"
+
+
+def parity_inputs(detector, check_images=(), count=8, seed=0):
+    """Model inputs for the export check: `count` synthetic ones at the input size
+    (smooth random textures, noise, flat grey: what a model sees and what it never
+    does), then those of `check_images` (paths) as the model's framing cuts them."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = detector.input_size
+    inputs = []
+    for i in range(count):
+        if i % 4 == 3:
+            inputs.append(torch.rand(3, H, W, generator=g))
+        else:
+            coarse = torch.rand(1, 3, H // 2 ** (i % 4 + 2) + 2, W // 2 ** (i % 4 + 2) + 2, generator=g)
+            inputs.append(F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)[0])
+    inputs.append(torch.full((3, H, W), 0.5))
+    for f in read_frames(list(check_images), detector.framing):
+        if f.error:
+            raise VadError(f"--check-images: {f.error}")
+        inputs.extend(torch.from_numpy(t) for t in f.tiles)
+    return torch.stack(inputs)
+
+
+def _scores_in_batches(model, inputs, batch_size):
+    with torch.no_grad():
+        return [torch.cat(t) for t in zip(*(model.score(inputs[a: a + batch_size])
+                                             for a in range(0, len(inputs), batch_size)))]
+
+
+def export(detector, check_images=(), batch_size=BATCH_SIZE):
+    """The detector as ONNX file bytes, with its framing, thresholds and provenance in the
+    metadata. ONNX Runtime then runs the graph on parity_inputs() beside
+    detector.score(): VadError, and no bytes, unless the image scores agree to 1e-4 and
+    the maps to 1e-3, each relative to the largest value (anomalib's users' worst export
+    bug was scores that changed on the way)."""
+    onnx = optional_import("onnx")
+    optional_import("onnxruntime")
+    if detector.precision != "fp32" or detector.device.type != "cpu":
+        raise VadError(f"export needs an fp32 model on the CPU; this one scores in {detector.precision} on "
+                       f"{detector.device.type}: load it with --precision fp32 --device cpu, or fit it in fp32")
+    inputs = parity_inputs(detector, check_images)
+    # The reference first: it also builds the cached map matrices (upsample_and_blur),
+    # which the trace must meet as constants, not as operations to export.
+    reference = _scores_in_batches(detector, inputs, batch_size)
+    graph = GRAPHS[detector.name](detector.eval()).eval()
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
+        torch.onnx.export(graph, (torch.zeros(2, 3, *detector.input_size),), buffer, dynamo=False,
+                          opset_version=ONNX_OPSET, input_names=["images"], output_names=["scores", "maps"],
+                          dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}, "maps": {0: "batch"}})
+    model = onnx.load_model_from_string(buffer.getvalue())
+    meta = {"format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, "vad_version": __version__,
+            "detector": detector.name, "backbone": getattr(detector.config, "backbone", "-"),
+            "input_size": list(detector.input_size), "framing": dataclasses.asdict(detector.framing),
+            "threshold": float(detector.threshold), "pixel_threshold": float(detector.pixel_threshold),
+            "map_low": float(detector.map_low), "image_score": image_score_rule(detector), "info": detector.info,
+            "source_sha256": detector.sha256, "parity": None}
+    entries = {}
+    for key, value in meta.items():
+        entries[key] = model.metadata_props.add()
+        entries[key].key, entries[key].value = f"vad.{key}", json.dumps(value)
+    exported = OnnxModel(model.SerializeToString())  # its metadata checked as any .onnx file's
+    differences = {}
+    for name, ours, theirs in zip(("scores", "maps"), _scores_in_batches(exported, inputs, batch_size), reference):
+        scale = float(theirs.abs().max())
+        differences[name] = float((ours - theirs).abs().max()) / (scale if scale > 0 else 1.0)
+    text = ", ".join(f"{k} {v:.2g}" for k, v in differences.items())
+    if not all(v <= EXPORT_TOLERANCE[k] for k, v in differences.items()):
+        raise VadError(f"the exported graph does not score as the model does on {len(inputs)} inputs (largest "
+                       f"difference, relative to the largest value: {text}; allowed: scores 1e-4, maps 1e-3); "
+                       f"nothing written")
+    note(f"parity on {len(inputs)} inputs: largest difference, relative to the largest value: {text}")
+    entries["parity"].value = json.dumps(f"{text} (largest difference relative to the largest value, "
+                                         f"{len(inputs)} inputs, ONNX Runtime {exported.runtime_version} vs torch)")
+    return model.SerializeToString()
+
+
+def save_onnx(data, path):
+    """Write exported bytes to path, atomically."""
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    except OSError as e:
+        raise VadError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def is_vad_export(path):
+    """Whether `path` is a file export wrote, judged without parsing it: an .onnx file
+    whose metadata, at its end (protobuf writes fields in order), names vad's format."""
+    try:
+        with open(path, "rb") as f:
+            if Path(path).suffix.lower() != ".onnx" or not Path(path).is_file():
+                return False
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 2**20))
+            tail = f.read()
+        return b"vad.format" in tail and json.dumps(ONNX_FORMAT).encode() in tail
+    except OSError:
+        return False
+
+
+class OnnxModel:
+    """An exported model run by ONNX Runtime, with what scoring needs of a Detector
+    (framing, thresholds, score, map_score) read from the file alone. Like a .pt, an
+    .onnx file is input that may be crafted: its size is bounded, every metadata field
+    is checked, and its input and outputs must be the ones export writes."""
+    precision = "fp32"
+    device = torch.device("cpu")
+
+    def __init__(self, source):
+        ort = optional_import("onnxruntime")
+        label = "the exported graph" if isinstance(source, bytes) else str(source)
+        if not isinstance(source, bytes):
+            path = Path(source)
+            if not path.is_file():
+                raise VadError(f"model file {path} does not exist" if not path.exists() else
+                               f"{path} is not a model file (not a regular file)")
+            if path.stat().st_size > MAX_MODEL_BYTES:
+                raise VadError(f"{path} is {path.stat().st_size:,} bytes, over vad's limit of {MAX_MODEL_BYTES:,}")
+            source = str(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # as torch is told, by OMP_NUM_THREADS or the CPU
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ONNX Runtime reports a bad file with its own exception types
+            reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+            raise VadError(f"{label} is not a model ONNX Runtime can run ({reason}); export one with "
+                           f"'vad.py export'") from None
+        raw = self.session.get_modelmeta().custom_metadata_map
+        try:
+            meta = {k[4:]: json.loads(v) for k, v in raw.items() if k.startswith("vad.")}
+            self._check(meta)
+        except (ValueError, TypeError, KeyError) as e:
+            raise VadError(f"{label} is not a vad model exported by 'vad.py export' ({e})") from None
+        self.name = meta["detector"]
+        self.config = types.SimpleNamespace(backbone=meta["backbone"])
+        self.framing = Framing(**meta["framing"])
+        self.input_size = self.framing.input_size
+        self.threshold = torch.tensor(float(meta["threshold"]))
+        self.pixel_threshold = torch.tensor(float(meta["pixel_threshold"]))
+        self.map_low = torch.tensor(float(meta["map_low"]))
+        rule = meta["image_score"]
+        self.top_k = 1 if rule == "max" else int(rule.split(":")[1])
+        self.info = meta["info"]
+        self.runtime_version = ort.__version__
+
+    def _check(self, meta):
+        """Raise ValueError unless the metadata and the graph's signature are export's."""
+        if meta.get("format") != ONNX_FORMAT:
+            raise ValueError("no vad metadata")
+        if meta.get("format_version") != ONNX_FORMAT_VERSION:
+            raise ValueError(f"export format version {meta.get('format_version')!r}, this vad reads "
+                             f"{ONNX_FORMAT_VERSION}; export it again with this vad")
+        if set(meta) != ONNX_META_KEYS:
+            raise ValueError(f"unexpected metadata keys {sorted(set(meta) ^ ONNX_META_KEYS)}")
+        if meta["detector"] not in DETECTORS or not isinstance(meta["backbone"], str):
+            raise ValueError(f"unknown detector {meta['detector']!r}")
+        framing = meta["framing"]
+        if not (isinstance(framing, dict) and set(framing) == {f.name for f in dataclasses.fields(Framing)}):
+            raise ValueError("its framing is not valid")
+        try:
+            framing = Framing(**framing)
+        except (VadError, TypeError) as e:
+            raise ValueError(f"its framing is not valid: {e}") from None
+        if list(framing.input_size) != meta["input_size"]:
+            raise ValueError("its input size does not match its framing")
+        for key in ("threshold", "pixel_threshold", "map_low"):
+            if type(meta[key]) not in (int, float) or not math.isfinite(meta[key]):
+                raise ValueError(f"{key} {meta[key]!r} is not a finite number")
+        if not re.fullmatch(r"max|topk:[1-9][0-9]{0,8}", str(meta["image_score"])):
+            raise ValueError(f"image_score {meta['image_score']!r} is not max or topk:K")
+        if not (isinstance(meta["info"], dict) and len(meta["info"]) <= 64
+                and all(isinstance(k, str) and type(v) in (int, float, bool, str, type(None))
+                        for k, v in meta["info"].items())):
+            raise ValueError("its info is not a small flat dictionary")
+        (x,), outputs = self.session.get_inputs(), self.session.get_outputs()
+        H, W = framing.input_size
+        if x.name != "images" or x.type != "tensor(float)" or x.shape[1:] != [3, H, W] \
+                or [o.name for o in outputs] != ["scores", "maps"]:
+            raise ValueError(f"its graph takes {x.name} {x.type} {x.shape}, not images (N, 3, {H}, {W})")
+
+    def score(self, images):
+        scores, maps = self.session.run(["scores", "maps"], {"images": images.cpu().float().numpy()})
+        return torch.from_numpy(scores), torch.from_numpy(maps)
+
+    def map_score(self, anomaly_map):
+        return float(top_k_mean(anomaly_map.reshape(1, -1), self.top_k)[0])
+
+
+def load_model(path, device="cpu", precision="model"):
+    """A .pt (load) or an exported .onnx file (OnnxModel, run by ONNX Runtime on the CPU)."""
+    if Path(path).suffix.lower() != ".onnx":
+        return load(path, device, precision)
+    if device not in ("auto", "cpu") or precision not in ("model", "fp32", "auto"):
+        raise VadError(f"{path}: an exported model runs in fp32 on the CPU with ONNX Runtime; "
+                       f"drop --device/--precision or score the .pt")
+    return OnnxModel(path)
+
+# -----------------------------------------------------------------------------
 # Bench, and the embedded synthetic inspection set (a smoke test, not a benchmark)
 
 
@@ -2720,14 +3060,22 @@ def _share(stages, seconds, *parts):
     return 100 * max(0.0, seconds - sum(stages.get(p, 0.0) for p in parts)) / seconds
 
 
-def bench(data_dirs=None, models=("padim", "patchcore"), options=None, **overrides):
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def bench(data_dirs=None, models=("padim", "patchcore"), options=None, runtimes=("torch",), **overrides):
     """Fit every model on every category's train/good and evaluate it on test/, with
-    RunOptions as fit() takes them (settings may target one model: model_settings).
-    Returns a list of result dicts: metrics, fit seconds, score ms/image, peak memory,
-    and where the time went (seconds per stage; detector work = all but building the
-    backbone, feature extraction and waiting for images)."""
+    RunOptions as fit() takes them (settings may target one model: model_settings), in
+    each of `runtimes`: torch scores the fitted model, onnxruntime its export (checked
+    for parity first). Returns a list of result dicts: metrics, fit seconds, score
+    ms/image, peak memory, and where the time went (seconds per stage; detector work =
+    all but building the backbone, feature extraction and waiting for images)."""
     o = dataclasses.replace(options or RunOptions(), **overrides)
     check_settings(models, o.settings)
+    if not runtimes or not set(runtimes) <= set(RUNTIMES):
+        raise VadError(f"--runtime {','.join(runtimes)}: choose from {', '.join(RUNTIMES)}")
+    if "onnxruntime" in runtimes:
+        optional_import("onnx"), optional_import("onnxruntime")
     where = machine()
     cores = where["cores"] or 1
     where["load_before"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -2739,30 +3087,42 @@ def bench(data_dirs=None, models=("padim", "patchcore"), options=None, **overrid
     for root in data_dirs or synthetic_data():
         dataset = read_dataset(root)
         for model in models:
-            with PeakMemory() as memory:
+            with PeakMemory() as fitting:
                 STAGE_SECONDS.clear()
                 start = time.perf_counter()
                 detector = fit(dataset.train, model, o, settings=model_settings(model, o.settings))
                 fit_seconds = time.perf_counter() - start
                 fit_stages = dict(STAGE_SECONDS)
                 STAGE_SECONDS.clear()
-                metrics = evaluate(detector, dataset, o.batch_size)
-                score_stages = dict(STAGE_SECONDS)
-            score_seconds = metrics["score_ms_per_image"] * len(dataset.test) / 1000
-            results.append({"category": dataset.name, "model": model,
-                            "backbone": getattr(detector.config, "backbone", "-"), "weights": str(o.weights),
-                            "image_size": o.image_size, "resize": o.resize, "tile": o.tile, "dtype": detector.precision,
-                            "train_images": min(len(dataset.train), o.max_train or len(dataset.train)),
-                            "test_images": len(dataset.test), **metrics,
-                            "fit_seconds": fit_seconds, "fit_stages": fit_stages,
-                            "fit_detector_pct": _share(fit_stages, fit_seconds, "backbone", "features", "load"),
-                            "images_per_second": 1000 / metrics["score_ms_per_image"], "score_stages": score_stages,
-                            "score_detector_pct": _share(score_stages, score_seconds, "features", "load"),
-                            "peak_mb": memory.peak / 2**20})
-            note(f"{dataset.name} {model}: image AUROC {metrics['image_auroc']:.4f}, pixel AUROC "
-                 f"{metrics['pixel_auroc']:.4f}; fit {fit_seconds:.1f}s (" +
-                 ", ".join(f"{k} {v:.1f}s" for k, v in sorted(fit_stages.items())) + "); score " +
-                 ", ".join(f"{k} {v:.1f}s" for k, v in sorted(score_stages.items())))
+            for runtime in runtimes:
+                with PeakMemory() as memory:
+                    STAGE_SECONDS.clear()
+                    scorer, export_seconds = detector, None
+                    if runtime == "onnxruntime":
+                        start = time.perf_counter()
+                        scorer = OnnxModel(export(detector, batch_size=o.batch_size))
+                        export_seconds = time.perf_counter() - start
+                        STAGE_SECONDS.clear()
+                    metrics = evaluate(scorer, dataset, o.batch_size)
+                    score_stages = dict(STAGE_SECONDS)
+                score_seconds = metrics["score_ms_per_image"] * len(dataset.test) / 1000
+                results.append({"category": dataset.name, "model": model, "runtime": runtime,
+                                "backbone": getattr(detector.config, "backbone", "-"), "weights": str(o.weights),
+                                "image_size": o.image_size, "resize": o.resize, "tile": o.tile,
+                                "dtype": detector.precision,
+                                "train_images": min(len(dataset.train), o.max_train or len(dataset.train)),
+                                "test_images": len(dataset.test), **metrics,
+                                "fit_seconds": fit_seconds, "fit_stages": fit_stages, "export_seconds": export_seconds,
+                                "fit_detector_pct": _share(fit_stages, fit_seconds, "backbone", "features", "load"),
+                                "images_per_second": 1000 / metrics["score_ms_per_image"], "score_stages": score_stages,
+                                # one graph in ONNX Runtime: its feature extraction is not timed apart
+                                "score_detector_pct": _share(score_stages, score_seconds, "features", "load")
+                                if runtime == "torch" else None,
+                                "peak_mb": max(fitting.peak, memory.peak) / 2**20})
+                note(f"{dataset.name} {model} ({runtime}): image AUROC {metrics['image_auroc']:.4f}, pixel AUROC "
+                     f"{metrics['pixel_auroc']:.4f}; fit {fit_seconds:.1f}s (" +
+                     ", ".join(f"{k} {v:.1f}s" for k, v in sorted(fit_stages.items())) + "); score " +
+                     ", ".join(f"{k} {v:.1f}s" for k, v in sorted(score_stages.items())))
     # Others' CPU time while bench ran, not the load average after it, which counts bench's own threads.
     cpu_end, wall = cpu_seconds(), time.perf_counter() - wall_start
     where["others_cpu_share"] = None if cpu_start is None or cpu_end is None else \
@@ -2776,7 +3136,8 @@ def bench(data_dirs=None, models=("padim", "patchcore"), options=None, **overrid
 
 
 BENCH_COLUMNS = [  # (key, header, format)
-    ("category", "category", "{}"), ("model", "model", "{}"), ("backbone", "backbone", "{}"),
+    ("category", "category", "{}"), ("model", "model", "{}"), ("runtime", "runtime", "{}"),
+    ("backbone", "backbone", "{}"),
     ("image_auroc", "image AUROC", "{:.4f}"), ("pixel_auroc", "pixel AUROC", "{:.4f}"),
     ("aupro", "AUPRO@30%", "{:.4f}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
     ("f1", "F1", "{:.3f}"), ("accuracy", "accuracy", "{:.3f}"), ("f1_max_oracle", "F1-max (oracle)", "{:.3f}"),
@@ -2791,7 +3152,8 @@ def bench_table(results):
     lines = ["| " + " | ".join(h for _, h, _ in BENCH_COLUMNS) + " |",
              "|" + "|".join("---" for _ in BENCH_COLUMNS) + "|"]
     for r in results:
-        lines.append("| " + " | ".join(fmt.format(r[k]) for k, _, fmt in BENCH_COLUMNS) + " |")
+        lines.append("| " + " | ".join("-" if r[k] is None else fmt.format(r[k]) for k, _, fmt in BENCH_COLUMNS)
+                     + " |")
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
@@ -3969,7 +4331,7 @@ def check_writable(path, option):
 def check_model_out(out, data, force):
     """Refuse, before any work, an --out that could not be written, or that would
     destroy something vad did not make: one of the training images, or (without --force)
-    any file that is not a vad model."""
+    any file that is not a vad model (.pt) or export (.onnx)."""
     check_writable(out, "--out")
     if not (out.exists() or out.is_symlink()):
         return
@@ -3978,7 +4340,7 @@ def check_model_out(out, data, force):
         if (is_image(out) and target.is_relative_to(Path(data).resolve())) or \
                 any(p.resolve() == target for p in Path(data).rglob("*") if is_image(p)):
             raise CliError(f"--out {out} is one of the training images in {data}; write the model elsewhere")
-    if not force and not is_vad_model(out):
+    if not force and not (is_vad_model(out) or is_vad_export(out)):
         raise CliError(f"--out {out} exists and is not a vad model file; choose another name, or add --force "
                        f"to replace it")
 
@@ -3998,6 +4360,20 @@ def _expand_inputs(inputs, null=False):
         else:
             paths.append(Path(item))
     return paths, folders
+
+
+def parse_shard(text):
+    """--shard K/N -> (K, N), 0 <= K < N."""
+    match = re.fullmatch(r"\s*(\d{1,9})\s*/\s*(\d{1,9})\s*", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise CliError(f"--shard {text}: give K/N with N >= 1 and K from 0 to N-1, e.g. --shard 0/4")
+    return int(match[1]), int(match[2])
+
+
+def shard_of(paths, k, n):
+    """The k-th of n contiguous, near-equal slices of paths (0-based): the slices cover
+    every path once, and joined in k order they are paths in its own order."""
+    return paths[k * len(paths) // n: (k + 1) * len(paths) // n]
 
 
 def tsv_field(text):
@@ -4056,17 +4432,21 @@ def npy_bytes(array):
               "(vad.py calibrate changes the model's).")
 @click.option("--null", "-0", "null", is_flag=True, help="Paths on stdin ('-') are NUL-separated (find -print0).")
 @click.option("--fail-on-anomaly", is_flag=True, help="Exit 1 when any image is judged anomalous.")
+@click.option("--shard", metavar="K/N", help="Score only the K-th of N near-equal slices of the inputs, K from 0 "
+              "to N-1 (a Kubernetes Indexed Job's JOB_COMPLETION_INDEX); the slices' outputs, joined in K order, "
+              "list every input once, in the unsharded order.")
 @run_options(fitting=False)
-def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold, null, fail_on_anomaly, precision,
-                  device, batch_size, quiet):
+def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold, null, fail_on_anomaly, shard,
+                  precision, device, batch_size, quiet):
     """Score images with a fitted model: one line per image on stdout,
     "PATH<TAB>SCORE<TAB>ok|anomalous", in input order (a tab, newline, carriage return
     or backslash in PATH written as \\t, \\n, \\r, \\\\; --json gives the path exactly,
     with the thresholds and the defect regions: box, area, peak and centroid of each
     connected region above the pixel threshold, in the image's own pixels).
 
-    INPUTS are image files, folders (searched recursively) or '-' for one path per line
-    on stdin (NUL-separated with -0). Errors go to stderr, one line each, never stdout.
+    MODEL_FILE is a .pt from fit, or a .onnx from export (run with ONNX Runtime). INPUTS
+    are image files, folders (searched recursively) or '-' for one path per line on stdin
+    (NUL-separated with -0). Errors go to stderr, one line each, never stdout.
 
     \b
     Exit status:
@@ -4081,7 +4461,8 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
       find line3/ -name '*.png' -print0 | python vad.py score bottle-padim.pt - -0 --json --heatmaps out/
     """
     _verbosity(quiet)
-    detector = run_api(load, model_file, device, precision)
+    part = parse_shard(shard) if shard else None
+    detector = run_api(load_model, model_file, device, precision)
     if threshold is not None:
         if not math.isfinite(threshold):
             raise CliError(f"--threshold {threshold}: give a finite number")
@@ -4089,6 +4470,11 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
     paths, folders = _expand_inputs(inputs, null)
     if not paths:
         raise CliError("no images to score: give image files, folders, or - to read paths from stdin")
+    if part:
+        total, paths = len(paths), shard_of(paths, *part)
+        note(f"--shard {shard}: {len(paths)} of {total} images")
+        if not paths:
+            return
     outputs = {option: output_paths(paths, folders, directory, option, suffix)
                for option, directory, suffix in (("heatmaps", heatmaps, ".png"), ("maps", maps, ".npy"),
                                                  ("masks", masks, ".mask.png")) if directory}
@@ -4161,6 +4547,8 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
         raise CliError("give --target-frr or --max-f1, not both")
     if max_f1 and not bad_dirs:
         raise CliError("--max-f1 needs defective images: add --bad DIR")
+    if model_file.suffix.lower() == ".onnx":
+        raise CliError(f"{model_file} is an exported model: calibrate the .pt it came from, then export it again")
     out = out or model_file
     if out != model_file:
         check_model_out(out, None, force=False)
@@ -4187,6 +4575,48 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
     note(f"wrote {out}")
 
 
+@cli.command("export")
+@click.argument("model_file", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="The ONNX file [default: MODEL_FILE with .onnx]; "
+              "an existing file is replaced only if it is a vad model or export.")
+@click.option("--force", is_flag=True, help="Let --out replace an existing file that vad did not write.")
+@click.option("--check-images", multiple=True, type=click.Path(path_type=Path),
+              help="Also check parity on these images (files or folders, repeatable), framed as the model frames.")
+@click.option("--batch-size", type=click.IntRange(1), default=BATCH_SIZE, show_default=True,
+              help="Model inputs per run during the check.")
+@click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but warnings and errors.")
+def export_command(model_file, out, force, check_images, batch_size, quiet):
+    """Export a fitted model to one ONNX file: a graph from images (N, 3, H, W), RGB in
+    [0, 1] at the model's input size, to image scores (N,) and anomaly maps (N, H, W),
+    with the framing, thresholds and provenance in its metadata. Before writing, ONNX
+    Runtime runs the graph beside the .pt on synthetic inputs (and --check-images):
+    nothing is written unless the scores agree to 1e-4 and the maps to 1e-3, relative.
+    Needs the optional extras: pip install onnx onnxruntime.
+
+    \b
+      python vad.py export bottle-padim.pt                  # -> bottle-padim.onnx
+      python vad.py score bottle-padim.onnx test/*/*.png    # scored by ONNX Runtime
+    """
+    _verbosity(quiet)
+    if model_file.suffix.lower() == ".onnx":
+        raise CliError(f"{model_file} is already an exported model; export the .pt it came from")
+    out = out or model_file.with_suffix(".onnx")
+    if out.suffix.lower() != ".onnx":
+        raise CliError(f"--out {out}: give a file name ending in .onnx (score and serve tell models apart by it)")
+    check_model_out(out, None, force)
+    run_api(optional_import, "onnx"), run_api(optional_import, "onnxruntime")  # before a long load
+    images = []
+    if check_images:
+        images = _expand_inputs([str(p) for p in check_images])[0]
+        if not images:
+            raise CliError(f"--check-images: no images in {', '.join(map(str, check_images))}")
+    detector = run_api(load, model_file, "cpu", "model")
+    data = run_api(export, detector, images, batch_size)
+    run_api(save_onnx, data, out)
+    note(f"wrote {out} ({len(data) / 2**20:.1f} MiB)")
+    click.echo(str(out))
+
+
 @cli.command("bench")
 @click.option("--model", "models", multiple=True, type=click.Choice(list(DETECTORS)),
               help="Detector to benchmark, repeatable [default: padim and patchcore, which need no training].")
@@ -4194,9 +4624,12 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
               help="MVTec AD category folder, repeatable [default: the embedded synthetic set].")
 @click.argument("more_data", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--json", "json_file", type=click.Path(path_type=Path), help="Also write the results as JSON here.")
+@click.option("--runtime", "runtimes", default="torch", show_default=True, metavar="LIST",
+              help="Comma-separated: torch (the .pt), onnxruntime (its export, parity-checked first; needs "
+                   "pip install onnx onnxruntime). One table row per model and runtime.")
 @fit_options
 @run_options(fitting=True)
-def bench_command(models, data, more_data, json_file, quiet, **options):
+def bench_command(models, data, more_data, json_file, runtimes, quiet, **options):
     """Fit on train/good and evaluate on test/ of each category: prints a markdown table
     with image and pixel AUROC, AUPRO, precision/recall/F1/accuracy at the calibrated
     threshold, F1-max (an oracle: it peeks at test labels), fit time, score time and
@@ -4205,6 +4638,7 @@ def bench_command(models, data, more_data, json_file, quiet, **options):
     \b
       python vad.py bench
       python vad.py bench --model padim --data mvtec/bottle mvtec/cable --backbone resnet18
+      python vad.py bench --model patchcore --data mvtec/bottle --runtime torch,onnxruntime
     """
     _verbosity(quiet)
     o = RunOptions(**options)
@@ -4223,7 +4657,8 @@ def bench_command(models, data, more_data, json_file, quiet, **options):
             o = dataclasses.replace(o, weights="none")
     if not dirs:
         note("no --data: benchmarking the embedded synthetic set (a smoke test, not a benchmark)")
-    results = run_api(bench, dirs or None, models or ("padim", "patchcore"), o)
+    runtimes = tuple(r.strip() for r in runtimes.split(",") if r.strip())
+    results = run_api(bench, dirs or None, models or ("padim", "patchcore"), o, runtimes)
     label = {"none": "random init (NOT pretrained)", "imagenet": "torchvision ImageNet"}.get(o.weights, o.weights)
     source = ", ".join(map(str, dirs)) if dirs else "the embedded synthetic set (a smoke test, not a benchmark)"
     framing = f"image size {o.image_size} {o.resize}" + (f", tiles {o.tile} overlap {o.tile_overlap}" if o.tile else "")
@@ -4257,7 +4692,8 @@ def serve_command(model_files, host, port, max_bytes, allow_hosts, precision, de
                                    threshold, verdict (add &overlay=1 for a PNG data URL)
       GET  /models, GET /health
 
-    A model's NAME is its file name without .pt. Behind a reverse proxy or under a DNS
+    A model's NAME is its file name without .pt (or .onnx: an exported model, run with
+    ONNX Runtime). Behind a reverse proxy or under a DNS
     name, give that name with --allow-host: other names are refused, so that no web
     page can send its visitors' browsers here under a name of its own (DNS rebinding).
 
@@ -4271,7 +4707,7 @@ def serve_command(model_files, host, port, max_bytes, allow_hosts, precision, de
     for path in model_files:
         if path.stem in models:
             raise CliError(f"two models named {path.stem!r}: rename one file")
-        models[path.stem] = run_api(load, path, device, precision)
+        models[path.stem] = run_api(load_model, path, device, precision)
     raise_open_file_limit()
     try:
         server = InspectionServer(models, (host, port), max_bytes, quiet, batch_size, allow_hosts)
