@@ -437,6 +437,49 @@ def test_padim_statistics_match_numpy(dataset):
         np.testing.assert_allclose((L[p] @ L[p].T).numpy(), ref, rtol=1e-4, atol=1e-4)
     assert det.channels.tolist() == sorted(set(det.channels.tolist())) and len(det.channels) == 12
 
+
+def seeded(cls, config, size):
+    """A detector with the random-init backbone of seed 0: two of them see the same features."""
+    torch.manual_seed(0)
+    return cls(config, input_size=size, weights="none")
+
+
+@pytest.mark.parametrize("n_old, n_new, covariance", [(3, 4, "sample"), (12, 8, "sample"), (12, 8, "oas")])
+def test_padim_update_is_the_fit_on_the_union(dataset, n_old, n_new, covariance):
+    """update(fit(A), B) = fit(A + B), with fewer images than d (7 < 12) and more (20):
+    bit for bit when the batches split alike (the same fp32 products enter the same fp64
+    sums in the same order), and numpy's mean and covariance of all the images when they
+    do not."""
+    paths = vad.read_dataset(dataset).train[: n_old + n_new]
+    cfg = vad.PaDiMConfig(backbone="resnet18", d=12, covariance=covariance, updatable=True)
+    union = seeded(vad.PaDiM, cfg, 32)
+    union.fit(vad.load_images(paths, 32, batch_size=1))
+    updated = seeded(vad.PaDiM, cfg, 32)
+    updated.fit(vad.load_images(paths[:n_old], 32, batch_size=1))
+    updated.update(vad.load_images(paths[n_old:], 32, batch_size=1))
+    assert int(updated.stat_count) == n_old + n_new and torch.equal(updated.channels, union.channels)
+    for name in ("stat_shift", "stat_sum", "stat_products", "mean", "cholesky"):  # the same sums, in the same order
+        assert torch.equal(getattr(updated, name), getattr(union, name)), name
+
+    other = seeded(vad.PaDiM, vad.PaDiMConfig(backbone="resnet18", d=12, updatable=True), 32)
+    other.fit(vad.load_images(paths[:n_old], 32, batch_size=2))
+    other.update(vad.load_images(paths[n_old:], 32, batch_size=3))
+    x = other.embed(torch.stack([vad.read_image(p, 32) for p in paths])).double().flatten(2).numpy()  # (N, d, P)
+    L = other.cholesky.double()
+    for p in (0, 27, x.shape[2] - 1):
+        np.testing.assert_allclose(other.mean[p].numpy(), x[:, :, p].mean(0), rtol=1e-5, atol=1e-5)
+        ref = np.cov(x[:, :, p], rowvar=False) + 0.01 * np.eye(12)
+        np.testing.assert_allclose((L[p] @ L[p].T).numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_padim_update_needs_the_statistics_kept_at_fit(dataset):
+    paths = vad.read_dataset(dataset).train[:4]
+    det = seeded(vad.PaDiM, vad.PaDiMConfig(backbone="resnet18", d=12), 32)
+    det.fit(vad.load_images(paths, 32))
+    assert det.stat_products.numel() == 0  # not kept: the file stays as small as before
+    with pytest.raises(vad.VadError, match="updatable=true"):
+        det.update(vad.load_images(paths, 32))
+
 # -----------------------------------------------------------------------------
 # PatchCore's memory bank: greedy coreset and exact nearest-neighbour search
 
@@ -611,6 +654,69 @@ def test_patchcore_bank_budget_gives_a_union_of_coresets(dataset, monkeypatch):
     stored = det.memory_bank + det.bank_origin  # centred and grouped by cell: the same rows, reordered
     gap, match = torch.cdist(stored, expected, compute_mode="donot_use_mm_for_euclid_dist").min(1)
     assert sorted(match.tolist()) == list(range(len(expected))) and float(gap.max()) < 1e-5
+
+
+def bank_as_fitted(det):
+    """PatchCore's bank rows in the order fit made them, uncentred."""
+    rows = torch.empty_like(det.memory_bank)
+    rows[det.bank_order] = det.memory_bank
+    return rows + det.bank_origin
+
+
+def test_patchcore_update_keeping_every_patch_is_the_fit_on_the_union(dataset):
+    paths = vad.read_dataset(dataset).train[:6]
+    cfg = vad.PatchCoreConfig(backbone="resnet18", coreset_ratio=1.0)
+    union = seeded(vad.PatchCore, cfg, SIZE)
+    union.fit(vad.load_images(paths, SIZE, batch_size=2))
+    updated = seeded(vad.PatchCore, cfg, SIZE)
+    updated.fit(vad.load_images(paths[:3], SIZE, batch_size=2))
+    updated.update(vad.load_images(paths[3:], SIZE, batch_size=2))
+    images = torch.stack([vad.read_image(p, SIZE) for p in paths])
+    every_patch = union.embed(images).permute(0, 2, 3, 1).flatten(0, 2)  # the reference: all rows, in image order
+    for det in (union, updated):  # the same rows in the same order, to the fp32 rounding of centring
+        torch.testing.assert_close(bank_as_fitted(det), every_patch, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(updated.bank_origin, union.bank_origin, rtol=1e-5, atol=1e-6)
+    tests = torch.stack([vad.read_image(p, SIZE) for p in vad.read_dataset(dataset).test])
+    s1, m1 = union.score(tests)
+    s2, m2 = updated.score(tests)
+    torch.testing.assert_close(s2, s1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m2, m1, rtol=1e-4, atol=1e-4)
+
+
+def test_patchcore_update_goes_on_with_the_union_of_coresets(dataset, monkeypatch):
+    """With the budget closing a part where the old images end, update(fit(A), B) is the
+    fit on A + B: the coreset of A's patches (seed 0), then of B's (seed 1), checked
+    against greedy_coreset. The bank grows by the new parts' coresets only, and no part
+    holds more raw patches than the budget and a batch."""
+    paths = vad.read_dataset(dataset).train[:9]
+    cfg = vad.PatchCoreConfig(backbone="resnet18", coreset_ratio=0.1)
+    ref = seeded(vad.PatchCore, cfg, SIZE)
+    patches = [ref.embed(vad.read_image(p, SIZE)[None]).permute(0, 2, 3, 1).flatten(0, 2) for p in paths]
+    per_image = patches[0].numel() * 4
+    monkeypatch.setattr(vad, "BANK_BYTES", 3 * per_image - 1)  # a part every 3 images
+    union = seeded(vad.PatchCore, cfg, SIZE)
+    union.fit(vad.load_images(paths[:6], SIZE, batch_size=1))
+    old = seeded(vad.PatchCore, cfg, SIZE)
+    old.fit(vad.load_images(paths[:3], SIZE, batch_size=1))
+    K = len(old.memory_bank)
+    old.update(vad.load_images(paths[3:6], SIZE, batch_size=1))
+    parts = [torch.cat(patches[0:3]), torch.cat(patches[3:6])]
+    expected = torch.cat([p[vad.greedy_coreset(p, math.ceil(0.1 * len(p)), 128, seed)] for seed, p in enumerate(parts)])
+    for det in (union, old):
+        assert int(det.bank_parts) == 2
+        torch.testing.assert_close(bank_as_fitted(det), expected, rtol=1e-5, atol=1e-5)
+    assert len(old.memory_bank) - K == math.ceil(0.1 * len(parts[1]))
+
+    seen = []  # bytes of raw patches each coreset call holds
+    coreset = vad.PatchCore.coreset
+    monkeypatch.setattr(vad.PatchCore, "coreset", lambda self, raw, seed: seen.append(
+        sum(r.numel() * 4 for r in raw)) or coreset(self, raw, seed))
+    monkeypatch.setattr(vad, "BANK_BYTES", 2 * per_image - 1)
+    K = len(old.memory_bank)
+    old.update(vad.load_images(paths[6:9], SIZE, batch_size=1))  # two parts: 2 images, then 1
+    assert seen == [2 * per_image, per_image] and int(old.bank_parts) == 4
+    n = len(patches[0])
+    assert len(old.memory_bank) - K == math.ceil(0.1 * 2 * n) + math.ceil(0.1 * n) <= math.ceil(0.1 * 3 * n) + 1
 
 # -----------------------------------------------------------------------------
 # Detectors that train: augmentation, EfficientAD
@@ -970,6 +1076,49 @@ def test_split_holdout_is_seeded_and_disjoint():
     assert (fit_idx, held) == vad.split_holdout(209, 0.1, seed=3)
     assert held != vad.split_holdout(209, 0.1, seed=4)[1]
     assert len(vad.split_holdout(3, 0.1, 0)[1]) == 1  # at least one image calibrates
+
+
+def held_out_values(det, paths):
+    """Score, map maximum and map median of each image, as score_files gives them."""
+    scored = list(vad.score_files(det, paths, desc=None))
+    return [r.score for r in scored], [np.nanmax(r.anomaly_map) for r in scored], \
+        [np.nanmedian(r.anomaly_map) for r in scored]
+
+
+def test_update_derives_the_thresholds_from_stored_and_new_held_out_images(dataset, fitted):
+    train = vad.read_dataset(dataset).train
+    old, new = train[:10], train[10:16]
+    det = fit_tiny("patchcore", old, holdout=0.2)
+    held = [old[i] for i in vad.split_holdout(10, 0.2, 0)[1]]
+    scores, maxima, medians = held_out_values(det, held)  # what fit should have kept
+    assert det.held_out_scores.tolist() == scores and det.held_out_maxima.tolist() == maxima
+    assert float(det.threshold) == pytest.approx(vad.threshold_from(scores), rel=1e-6)
+    vad.update(det, new)
+    held_new = [new[i] for i in vad.split_holdout(6, 0.2, 0)[1]]  # the model's own fraction and seed
+    s, m, med = held_out_values(det, held_new)  # scored by the updated model
+    assert det.held_out_scores.tolist() == scores + s
+    assert float(det.threshold) == pytest.approx(vad.threshold_from(scores + s), rel=1e-6)
+    assert float(det.pixel_threshold) == pytest.approx(vad.threshold_from(maxima + m), rel=1e-6)
+    assert float(det.map_low) == pytest.approx(float(np.median(medians + med)), rel=1e-6)
+    assert (det.info["images"], det.info["held_out"], det.info["added"]) == (8 + 5, 2 + 1, 6)
+    with pytest.raises(vad.VadError, match="cannot be updated"):
+        vad.update(fitted["efficientad"], new)
+
+
+@pytest.mark.parametrize("where", ["fitted part", "held-out part"])
+def test_update_that_fails_leaves_the_detector_as_it_was(dataset, tmp_path, where):
+    train = vad.read_dataset(dataset).train
+    det = fit_tiny("patchcore", train[:8])
+    before = {k: v.clone() for k, v in det.state_dict().items()}
+    new = train[8:12]
+    held = vad.split_holdout(4, 0.1, 0)[1][0]
+    bad = held if where == "held-out part" else (held + 1) % 4
+    new[bad] = tmp_path / "truncated.png"
+    new[bad].write_bytes(train[0].read_bytes()[:100])
+    with pytest.raises(vad.VadError, match="truncated.png"):
+        vad.update(det, new)
+    after = det.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_calibrate_rule_hand_computed():
@@ -1423,6 +1572,30 @@ def test_cli_calibrate_sets_the_threshold_from_labelled_images(model_file, datas
     assert cli("calibrate", model_file, "--good", tmp_path / "none").exit_code == 2
 
 
+def copy_images(paths, folder):
+    for p in paths:
+        save_png(np.asarray(Image.open(p)), folder / p.name)
+    return folder
+
+
+def test_cli_fit_update_adds_images_to_padim_and_patchcore(dataset, tmp_path):
+    train = vad.read_dataset(dataset).train
+    old, new = copy_images(train[:8], tmp_path / "old"), copy_images(train[8:14], tmp_path / "new")
+    for model, settings in (("padim", ["-s", "d=20", "-s", "updatable=true"]), ("patchcore", [])):
+        m = tmp_path / f"{model}.pt"
+        assert cli("fit", "--model", model, "--data", old, "--out", m, *TINY, *settings).exit_code == 0
+        original = m.read_bytes()
+        r = cli("fit", "--update", m, "--data", new, "--out", tmp_path / "new.pt", "--device", "cpu", "-q")
+        assert r.exit_code == 0, r.output
+        assert r.stdout.strip() == str(tmp_path / "new.pt") and m.read_bytes() == original  # --out: the old stays
+        expected = vad.update(vad.load(m), new)
+        updated = vad.load(tmp_path / "new.pt")
+        assert updated.info["added"] == 6 and updated.config == expected.config
+        assert all(torch.equal(t, expected.state_dict()[k]) for k, t in updated.state_dict().items())
+        r = cli("fit", "--update", m, "--data", new, "--device", "cpu", "-q")  # in place
+        assert r.exit_code == 0 and m.read_bytes() == (tmp_path / "new.pt").read_bytes()
+
+
 def list_of(dataset, label):
     return [p for p, y in zip(dataset.test, dataset.labels) if y == label]
 
@@ -1702,6 +1875,31 @@ def test_contract_failed_fit_keeps_the_old_file_and_leaves_nothing(dataset, tmp_
     assert out.read_bytes() == b"the old model" and sorted(p.name for p in tmp_path.iterdir()) == ["data", "m.pt"]
 
 
+def test_contract_failed_or_refused_update_keeps_the_old_file(fitted, dataset, tmp_path):
+    train = vad.read_dataset(dataset).train
+    data = copy_images(train[:4], tmp_path / "new")
+    for name in ("padim", "patchcore", "efficientad"):
+        vad.save(fitted[name], tmp_path / f"{name}.pt")
+    cases = {  # model, extra options, expected in the one error line
+        "a trained detector": ("efficientad", [], "efficientad models cannot be updated"),
+        "PaDiM without its statistics": ("padim", [], "-s updatable=true"),
+        "another image size": ("patchcore", ["--image-size", 32], "drop --image-size"),
+        "a setting": ("patchcore", ["-s", "coreset_ratio=0.5"], "drop -s"),
+        "no --data": ("patchcore", [None], "needs --data"),
+        "a truncated image": ("patchcore", [], "zz_truncated.png"),
+    }
+    for case, (name, extra, message) in cases.items():
+        if case == "a truncated image":
+            (data / "zz_truncated.png").write_bytes(train[0].read_bytes()[:100])
+        model = tmp_path / f"{name}.pt"
+        before = model.read_bytes()
+        options = [] if extra == [None] else ["--data", data, *extra]
+        r = cli("fit", "--update", model, *options, "--device", "cpu", "-q")
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (case, r.output)
+        assert model.read_bytes() == before, case
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientad.pt", "new", "padim.pt", "patchcore.pt"]
+
+
 @pytest.mark.parametrize("name", list(vad.DETECTORS))
 def test_contract_same_seed_gives_bitwise_identical_files_and_scores(name, fitted, dataset, tmp_path):
     """Same machine, same threads, same command and seed: the same .pt, byte for byte, and
@@ -1887,7 +2085,7 @@ def crafted(model_file, tmp_path, name, change, digest=True):
     return tmp_path / name
 
 
-def test_contract_crafted_model_files_are_refused_before_use(model_file, dataset, tmp_path):
+def test_contract_crafted_model_files_are_refused_before_use(model_file, fitted, dataset, tmp_path):
     import zipfile
     image = vad.read_dataset(dataset).test[0]
 
@@ -1912,11 +2110,16 @@ def test_contract_crafted_model_files_are_refused_before_use(model_file, dataset
         "shared references in info": setter("info", value=lambda v: {"x": [[[0] * 10] * 10] * 10}),
         "float tile": setter("framing", "tile", value=64.0),
         "tensor version": setter("format_version", value=torch.tensor([4, 4])),
+        "held-out values of unequal counts": setter("state_dict", "held_out_maxima", value=lambda t: t[1:]),
     }
     for name, change in cases.items():
         r = cli("score", crafted(model_file, tmp_path, "c.pt", change), image)
         assert r.exit_code == 2 and r.stderr.count("\n") == 1 and not r.stdout, (name, r.output)
         assert "Traceback" not in r.output
+    vad.save(fitted["patchcore"], tmp_path / "patchcore.pt")
+    r = cli("score", crafted(tmp_path / "patchcore.pt", tmp_path, "c.pt",
+                             setter("state_dict", "bank_order", value=torch.zeros_like)), image)
+    assert r.exit_code == 2 and "not a permutation" in r.stderr
     for special in ("/dev/zero", tmp_path):
         r = cli("score", special, image)
         assert r.exit_code == 2 and r.stderr.count("\n") == 1, special

@@ -19,6 +19,7 @@ Usage:
     python vad.py fit --model efficientad --data mvtec/bottle --epochs 30
     python vad.py fit --model padim --data kolektorsdd --image-size 640x256   # H x W
     python vad.py fit --model patchcore --data web/ --image-size native --tile 256
+    python vad.py fit --update bottle-patchcore.pt --data line3/new_good   # add normal images
     python vad.py serve bottle-padim.pt                            # browser page + JSON API
     python vad.py calibrate bottle-padim.pt --good line3/ok --target-frr 0.005
     python vad.py export bottle-padim.pt                           # -> bottle-padim.onnx (pip install onnx onnxruntime)
@@ -45,7 +46,7 @@ Contents (in file order):
     Detector registry       DETECTORS, -s KEY=VALUE settings
     Model files             save, load (one .pt, weights_only, every field and tensor checked)
     Image I/O               placement in the frame, tiles and their stitching, images, masks, data sets
-    API                     score_files, RunOptions, fit, metrics, evaluate
+    API                     score_files, RunOptions, fit, update, metrics, evaluate
     Export                  one ONNX graph per model, parity-checked; scoring it with ONNX Runtime
     Bench                   bench and the embedded synthetic set
     Heat maps, Serving      overlays, defect masks and regions; the upload-and-inspect page and JSON endpoint
@@ -120,7 +121,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 __version__ = "0.1.0"
 FORMAT_NAME = "vad-model"
-FORMAT_VERSION = 4  # bump on any change to what a .pt holds; other versions are refused (history: README)
+FORMAT_VERSION = 5  # bump on any change to what a .pt holds; other versions are refused (history: README)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision ImageNet backbone expects these
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -645,6 +646,11 @@ class Detector(nn.Module):
         self.register_buffer("threshold", torch.tensor(float("nan")))  # on image scores
         self.register_buffer("pixel_threshold", torch.tensor(float("nan")))  # on map values: heat-map outlines
         self.register_buffer("map_low", torch.tensor(0.0))  # typical normal map value (heat-map colour scale)
+        # What the three come from, one value per held-out image (fp64: the scores exactly):
+        # `fit --update` adds the new images' own and derives all three again (set_thresholds).
+        self.register_buffer("held_out_scores", torch.empty(0, dtype=torch.float64))  # (H,)
+        self.register_buffer("held_out_maxima", torch.empty(0, dtype=torch.float64))  # (H,) of each map
+        self.register_buffer("held_out_medians", torch.empty(0, dtype=torch.float64))  # (H,) of each map
         self.precision = "fp32"  # number format of the backbone and of training (set_precision)
         self.info = {}  # how it was fitted (data, weights, seed, image counts): fit() and load() fill it
         self.sha256 = None  # the checksum of the model file it was loaded from (export records it)
@@ -656,6 +662,13 @@ class Detector(nn.Module):
     def fit(self, batches, seed=0):
         """Fit on an iterable of normal image batches (B, 3, H, W) in [0, 1]."""
         raise NotImplementedError
+
+    def update(self, batches, seed=0):
+        """Add normal image batches to the fitted state, as if fit had seen them after
+        its own (PaDiM, PatchCore). A detector that trains cannot: its networks learnt the
+        old images, and training on the new ones alone would drift from them."""
+        raise VadError(f"{self.name} models cannot be updated with new images: a trained network only learns "
+                       f"them by training again; fit it again on all the images")
 
     def fit_normalization(self, batches):
         """Map statistics from an iterable of held-out normal image batches, for detectors
@@ -675,7 +688,8 @@ class Detector(nn.Module):
         """The shapes of the buffers whose size fitting decides, as the config and the
         sizes in `state` (a model file's tensors) imply: {name: shape}. Raises ValueError
         for values that would index out of range."""
-        return {}
+        H = len(state["held_out_scores"])
+        return {"held_out_scores": (H,), "held_out_maxima": (H,), "held_out_medians": (H,)}
 
     def check_state(self, state):
         """Raise ValueError unless `state` (name -> tensor, from a model file) fits this
@@ -755,6 +769,9 @@ class PaDiMConfig:
     eps: float = 0.01  # covariance regularizer eps*I, the PaDiM reference code's value
     covariance: str = "sample"  # sample (eq. 1 of the paper) or oas: shrunk toward a scaled identity (oas_shrink)
     blur_sigma: float = BLUR_SIGMA
+    # Keep fit's fp64 sums in the model, so that `fit --update` can add images exactly.
+    # Off by default: they are P x d(d+1)/2 fp64, as large as the Cholesky factors again.
+    updatable: bool = False
 
     def __post_init__(self):
         self.layers = check_layers(self.layers)
@@ -782,6 +799,12 @@ class PaDiM(Detector):
         self.register_buffer("channels", torch.empty(0, dtype=torch.long))  # (d,) chosen channels
         self.register_buffer("mean", torch.empty(0))  # (P, d)
         self.register_buffer("cholesky", torch.empty(0))  # (P, d, d), lower triangular
+        # fit's streamed statistics, only with updatable: n, and around the shift (P, d),
+        # the sums (P, d) and the lower triangles of the sums of products (P, d(d+1)/2)
+        self.register_buffer("stat_count", torch.tensor(0))
+        self.register_buffer("stat_shift", torch.empty(0))
+        self.register_buffer("stat_sum", torch.empty(0, dtype=torch.float64))
+        self.register_buffer("stat_products", torch.empty(0, dtype=torch.float64))
 
     def fitted_shapes(self, state):
         P, d = grid_size(self.input_size[0], 4) * grid_size(self.input_size[1], 4), self.config.d
@@ -789,7 +812,12 @@ class PaDiM(Detector):
         C = sum(self.backbone.channels)
         if len(channels) == d and not bool(((channels >= 0) & (channels < C)).all()):
             raise ValueError("its PaDiM channel indices are out of range")
-        return {"channels": (d,), "mean": (P, d), "cholesky": (P, d, d)}
+        stats = (P, d) if self.config.updatable else (0,)
+        if self.config.updatable and int(state["stat_count"]) < 2:
+            raise ValueError("its PaDiM statistics count fewer than 2 images")
+        return super().fitted_shapes(state) | {
+            "channels": (d,), "mean": (P, d), "cholesky": (P, d, d), "stat_shift": stats, "stat_sum": stats,
+            "stat_products": (P, d * (d + 1) // 2) if self.config.updatable else (0,)}
 
     def embed(self, images):
         """images (B, 3, H, W) -> the chosen channels at layer-1 resolution (B, d, h, w)."""
@@ -809,7 +837,27 @@ class PaDiM(Detector):
         g = torch.Generator().manual_seed(seed)
         C = sum(self.backbone.channels)
         self.channels = torch.randperm(C, generator=g)[: self.config.d].sort().values.to(self.device)
-        n, shift = 0, None
+        self.estimate(*self.accumulate(batches))
+
+    @torch.no_grad()
+    def update(self, batches, seed=0):
+        # Chan et al.'s parallel merge of (n, mean, scatter) would do, but fit's own sums
+        # around its own shift simply go on: the result is the fit on all the images,
+        # bit for bit when the batches split the same way.
+        if not self.config.updatable:
+            raise VadError("this PaDiM model does not hold its fitted statistics, so images cannot be added to it "
+                           "exactly; fit it again with -s updatable=true")
+        P, d = self.mean.shape
+        i, j = torch.tril_indices(d, d, device=self.device)
+        s2 = self.stat_products.new_empty(P, d, d)
+        s2[:, i, j] = s2[:, j, i] = self.stat_products
+        self.estimate(*self.accumulate(batches, int(self.stat_count), self.stat_shift[..., None],
+                                       self.stat_sum[..., None].clone(), s2))
+
+    def accumulate(self, batches, n=0, shift=None, s1=None, s2=None):
+        """Add the batches' features to the fp64 sums s1 (P, d, 1) of x - shift and s2
+        (P, d, d) of its outer products, over n images so far (in place; shift: the
+        first batch's mean when None). Returns (n, shift, s1, s2)."""
         for images in batches:
             x = self.embed(images.to(self.device))
             with timed("covariance", self.device):
@@ -825,12 +873,24 @@ class PaDiM(Detector):
                 s1 += x.sum(2, keepdim=True)
                 s2 += torch.bmm(x, x.transpose(1, 2))
                 n += B
+        return n, shift, s1, s2
+
+    def estimate(self, n, shift, s1, s2):
+        """Each position's mean and the Cholesky factor of its covariance from the sums
+        of accumulate (s2 is overwritten); kept too with updatable."""
         if n < 2:
             raise VadError("PaDiM needs at least 2 training images")
+        P, d, _ = s2.shape
         if n <= d and self.config.covariance == "sample":
             warn(f"PaDiM fitted on {n} images for d={d} feature dimensions: each covariance is "
                  f"rank-deficient and held up by eps*I alone; use more than {d} normal images, or -s covariance=oas")
         with timed("covariance", self.device):
+            i, j = torch.tril_indices(d, d, device=s2.device)
+            if self.config.updatable:  # the lower triangles: cholesky reads no other
+                self.stat_count, self.stat_shift = torch.tensor(n), shift[..., 0]
+                self.stat_sum, self.stat_products = s1[..., 0], s2[:, i, j]
+            if self.config.covariance == "oas":  # tr(S^2) reads the upper triangle too: take it from the lower
+                s2[:, j, i] = s2[:, i, j]
             m = s1 / n
             if self.config.covariance == "oas":  # on the maximum-likelihood estimate, as Chen et al.
                 cov, _ = oas_shrink(s2.sub_(n * m @ m.transpose(1, 2)).div_(n), n)
@@ -1114,16 +1174,24 @@ class PatchCore(Detector):
         self.register_buffer("cell_centres", torch.empty(0))  # (n, C)
         self.register_buffer("cell_starts", torch.empty(0, dtype=torch.long))  # (n + 1,)
         self.register_buffer("cell_radii", torch.empty(0))  # (n,)
+        # What `fit --update` needs to go on as fit would: the bank's rows in the order fit
+        # made them (memory_bank[j] is row bank_order[j]) and how many parts it thinned.
+        self.register_buffer("bank_order", torch.empty(0, dtype=torch.long))  # (K,)
+        self.register_buffer("bank_parts", torch.tensor(0))
 
     def fitted_shapes(self, state):
         D = self.config.embed_dim or sum(self.backbone.channels)
         K, n = len(state["memory_bank"]), len(state["cell_centres"])
-        starts = state["cell_starts"]
+        starts, order = state["cell_starts"], state["bank_order"]
         if K < 1 or n < 1 or len(starts) != n + 1 or int(starts[0]) != 0 or int(starts[-1]) != K \
                 or not bool((starts[1:] > starts[:-1]).all()):  # voronoi_cells drops empty cells
             raise ValueError("its PatchCore memory bank or cells are inconsistent")
-        return {"memory_bank": (K, D), "bank_origin": (D,), "cell_centres": (n, D), "cell_starts": (n + 1,),
-                "cell_radii": (n,)}
+        if len(order) == K and not (bool(((order >= 0) & (order < K)).all())
+                                    and bool((torch.bincount(order, minlength=K) == 1).all())):
+            raise ValueError("its PatchCore bank order is not a permutation of the bank's rows")
+        return super().fitted_shapes(state) | {
+            "memory_bank": (K, D), "bank_origin": (D,), "cell_centres": (n, D), "cell_starts": (n + 1,),
+            "cell_radii": (n,), "bank_order": (K,)}
 
     def embed(self, images):
         """images (B, 3, H, W) -> patch features (B, C, h, w) on the first layer's grid, a view of
@@ -1166,6 +1234,23 @@ class PatchCore(Detector):
 
     @torch.no_grad()
     def fit(self, batches, seed=0):
+        self.index(*self.thin(batches, seed), seed)
+
+    @torch.no_grad()
+    def update(self, batches, seed=0):
+        # The new patches are thinned in parts of their own, seeded as fit would seed its
+        # next parts, and join the bank: the fit on all the images whenever that fit would
+        # have closed a part where the old images end (always at coreset_ratio=1). Else it
+        # is still a union of coresets of parts, as a fit over BANK_BYTES makes.
+        old = torch.empty_like(self.memory_bank)
+        old[self.bank_order] = self.memory_bank
+        old += self.bank_origin  # the rows fit picked, to fp32 rounding (the bank is stored centred)
+        new, parts = self.thin(batches, seed, int(self.bank_parts))
+        self.index(torch.cat([old, new]), parts, seed)
+
+    def thin(self, batches, seed, parts=0):
+        """The coreset rows of the batches' patches (n, C), and the count of parts
+        thinned, `parts` of them before these."""
         # Patches pile up until BANK_BYTES, are thinned to coreset_ratio, and the next
         # ones pile up afresh: the bank is then a union of coresets of consecutive parts,
         # which k-center coresets allow (Indyk et al., "Composable core-sets", PODS
@@ -1177,11 +1262,15 @@ class PatchCore(Detector):
             raw.append(x)
             size += x.numel() * x.element_size()
             if size > BANK_BYTES and self.config.coreset_ratio < 1:
-                thinned.append(self.coreset(raw, seed + len(thinned)))
+                thinned.append(self.coreset(raw, seed + parts + len(thinned)))
                 raw, size = [], 0
         if raw:
-            thinned.append(self.coreset(raw, seed + len(thinned)))
-        bank = torch.cat(thinned)
+            thinned.append(self.coreset(raw, seed + parts + len(thinned)))
+        return torch.cat(thinned), parts + len(thinned)
+
+    def index(self, bank, parts, seed):
+        """Keep bank (K, C), made of `parts` thinned parts, centred and grouped into its
+        search cells (bank is overwritten)."""
         # Centred, |q|^2 - 2 q.b + |b|^2 cancels far less: WRN50 patches have norms near
         # 450 but lie 7 apart, and the search then agrees with an fp64 one where uncentred
         # fp32 picked a farther row for 1 patch in 1,000.
@@ -1191,6 +1280,7 @@ class PatchCore(Detector):
             n = self.config.search_cells or round(math.sqrt(len(bank)))
             order, self.cell_centres, self.cell_starts, self.cell_radii = voronoi_cells(bank, n, seed=seed)
             self.memory_bank = bank[order]
+        self.bank_order, self.bank_parts = order, torch.tensor(parts)
 
     @torch.no_grad()
     def score(self, images):
@@ -2397,12 +2487,7 @@ def fit(data, model="patchcore", options=None, **overrides):
     o = dataclasses.replace(options or RunOptions(), **overrides)
     framing, batch_size = o.framing, o.batch_size
     config = make_config(model, o.settings, backbone=o.backbone, epochs=o.epochs)
-    if isinstance(data, (list, tuple)):
-        paths = list(data)
-    else:
-        dataset = read_dataset(data)
-        note(f"--data {data}: {dataset.layout}, {len(dataset.train)} good training images")
-        paths = dataset.train
+    paths = training_images(data)
     if o.max_train is not None:
         if o.max_train < 2:
             raise VadError(f"--max-train {o.max_train}: give at least 2 images")
@@ -2432,12 +2517,71 @@ def fit(data, model="patchcore", options=None, **overrides):
     detector.fit(load_images([paths[i] for i in fit_idx], framing, batch_size, "features"), o.seed)
     held = [paths[i] for i in held_idx]
     detector.fit_normalization(load_images(held, framing, batch_size, "held-out maps"))
-    scored = every_image(score_files(detector, held, batch_size, "held-out"))
-    detector.threshold.fill_(threshold_from([r.score for r in scored]))
-    detector.pixel_threshold.fill_(threshold_from([np.nanmax(r.anomaly_map) for r in scored]))
-    detector.map_low.fill_(float(np.nanmedian(np.concatenate([r.anomaly_map.ravel() for r in scored]))))
+    set_thresholds(detector, every_image(score_files(detector, held, batch_size, "held-out")))
     detector.info = {"data": str(data) if not isinstance(data, (list, tuple)) else f"{len(paths)} images",
-                     "weights": str(o.weights), "seed": o.seed, "images": len(fit_idx), "held_out": len(held_idx)}
+                     "weights": str(o.weights), "seed": o.seed, "holdout": o.holdout, "images": len(fit_idx),
+                     "held_out": len(held_idx), "added": 0}
+    return detector
+
+
+def training_images(data):
+    """The normal training images of `data`: an MVTec-like category folder, a folder of
+    images, or a list of image paths."""
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    dataset = read_dataset(data)
+    note(f"--data {data}: {dataset.layout}, {len(dataset.train)} good training images")
+    return dataset.train
+
+
+def set_thresholds(detector, scored):
+    """Add the held-out images' results (a list of Scored) to those the detector keeps,
+    and derive from all of them its image threshold and pixel threshold (threshold_from
+    on the scores and on each map's maximum) and map_low, the median of each map's
+    median (not the median of all their pixels, which the per-image values could not
+    give again after an update)."""
+    new = torch.tensor([[r.score, np.nanmax(r.anomaly_map), np.nanmedian(r.anomaly_map)] for r in scored],
+                       dtype=torch.float64, device=detector.device).reshape(-1, 3)
+    for column, name in enumerate(("held_out_scores", "held_out_maxima", "held_out_medians")):
+        setattr(detector, name, torch.cat([getattr(detector, name), new[:, column]]))
+    if len(detector.held_out_scores):
+        detector.threshold.fill_(threshold_from(detector.held_out_scores.cpu().numpy()))
+        detector.pixel_threshold.fill_(threshold_from(detector.held_out_maxima.cpu().numpy()))
+        detector.map_low.fill_(float(np.median(detector.held_out_medians.cpu().numpy())))
+
+
+def update(detector, data, batch_size=BATCH_SIZE):
+    """Add the normal images of `data` (as fit() takes it) to a fitted PaDiM or PatchCore,
+    in place: the model's own held-out fraction and seed split them, the fitted part goes
+    into the fitted state (the detector's update()) and the held-out part's scores join
+    the stored ones, from which set_thresholds derives the thresholds again (the stored
+    scores are those of the model they were calibrated with: the old images are gone).
+    Detectors that train refuse. On any error the detector is left as it was."""
+    info = detector.info
+    seed, holdout = info.get("seed"), info.get("holdout")
+    if not (all(type(info.get(k)) is int for k in ("seed", "images", "held_out", "added"))
+            and type(holdout) in (int, float) and 0 <= holdout < 1):
+        raise VadError("the model's info does not say how it was fitted (seed, held-out fraction, image counts); "
+                       "fit it again")
+    paths = training_images(data)
+    fit_idx, held_idx = split_holdout(len(paths), holdout, seed)
+    note(f"add {len(fit_idx)} images to the {detector.name} model, {len(held_idx)} to its held-out images")
+    before = dict(detector.named_buffers())  # update() and set_thresholds assign new tensors to the fitted ones
+    try:
+        detector.update(load_images([paths[i] for i in fit_idx], detector.framing, batch_size, "features"), seed)
+        scored = every_image(score_files(detector, [paths[i] for i in held_idx], batch_size, "held-out"))
+    except BaseException:
+        for name, tensor in before.items():
+            module, _, leaf = name.rpartition(".")
+            detector.get_submodule(module)._buffers[leaf] = tensor
+        raise
+    set_thresholds(detector, scored)
+    if "calibrated" in info:
+        warn(f"the threshold set by calibrate ({info['calibrated']}) is replaced by the held-out one; "
+             f"run calibrate again")
+    detector.info = {k: v for k, v in info.items() if k != "calibrated"} | {
+        "images": info["images"] + len(fit_idx), "held_out": info["held_out"] + len(held_idx),
+        "added": info["added"] + len(paths)}
     return detector
 
 
@@ -4294,16 +4438,38 @@ def cli():
 @click.option("--out", type=click.Path(path_type=Path), help="Model file [default: <category>-<model>.pt]; an "
               "existing file is replaced only if it is a vad model.")
 @click.option("--force", is_flag=True, help="Let --out replace an existing file that is not a vad model.")
+@click.option("--update", "update_file", type=click.Path(path_type=Path), help="Add the normal images of --data to "
+              "this fitted PaDiM or PatchCore model, with its own settings; written to --out, or back to it.")
 @fit_options
 @run_options(fitting=True)
-def fit_command(model, data, out, force, quiet, **options):
-    """Fit a detector on normal images and write one .pt model file.
+def fit_command(model, data, out, force, update_file, quiet, **options):
+    """Fit a detector on normal images and write one .pt model file, or add normal
+    images to a fitted one (--update; the file is replaced only if that succeeds).
 
     \b
       python vad.py fit --model padim --data mvtec/bottle
       python vad.py fit --model patchcore --data parts/ --backbone resnet18 -s coreset_ratio=0.01 --out parts.pt
+      python vad.py fit --model padim --data parts/ -s updatable=true --out parts-padim.pt
+      python vad.py fit --update parts-padim.pt --data parts_new/
     """
     _verbosity(quiet)
+    if update_file is not None:
+        ctx = click.get_current_context()
+        names = {p.name: p.opts[0] for p in ctx.command.params}
+        given = [names[k] for k in ["model", *options] if k not in ("device", "batch_size")
+                 and ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise CliError(f"--update keeps the model's own settings: drop {', '.join(given)}")
+        if data is None:
+            raise CliError("--update needs --data, the new normal images")
+        out = out or update_file
+        check_model_out(out, data, force)
+        detector = run_api(load, update_file, options["device"])
+        run_api(update, detector, data, options["batch_size"])
+        run_api(save, detector, out)
+        note(f"{detector.info['added']} images added since fit, threshold {float(detector.threshold):.4g}")
+        click.echo(str(out))
+        return
     if data is None:
         data = synthetic_data()[0]
         note(f"no --data: using the embedded synthetic set {data} (a smoke test, not a benchmark)")
