@@ -1699,6 +1699,30 @@ def test_contract_layouts_are_recognised_and_labelled_folders_refused(tmp_path):
     mvtec = tree(tmp_path / "mvtec", ["train/good/0.png", "test/good/1.png", "test/crack/2.png",
                                       "ground_truth/crack/2_mask.png"])
     assert vad.read_dataset(mvtec).layout == "MVTec AD" and vad.read_dataset(mvtec).labels == [1, 0]
+    visa = tmp_path / "VisA"  # the 1-class split file lists two categories; --data names one
+    tree(visa, ["candle/Data/Images/Normal/0.png", "candle/Data/Images/Normal/1.png", "candle/Data/Images/Normal/2.png",
+                "candle/Data/Images/Anomaly/3.png", "candle/Data/Masks/Anomaly/3.png", "pcb1/Data/Images/Normal/0.png"])
+    (visa / "split_csv").mkdir()
+    (visa / "split_csv/1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,train,normal,candle/Data/Images/Normal/0.png,\ncandle,train,normal,candle/Data/Images/Normal/1.png,\n"
+        "pcb1,train,normal,pcb1/Data/Images/Normal/0.png,\ncandle,test,normal,candle/Data/Images/Normal/2.png,\n"
+        "candle,test,anomaly,candle/Data/Images/Anomaly/3.png,candle/Data/Masks/Anomaly/3.png\n")
+    ds = vad.read_dataset(visa / "candle")
+    assert ds.layout == "VisA (1cls split)" and ds.train == [visa / "candle/Data/Images/Normal/0.png",
+                                                              visa / "candle/Data/Images/Normal/1.png"]
+    assert ds.test == [visa / "candle/Data/Images/Normal/2.png", visa / "candle/Data/Images/Anomaly/3.png"]
+    assert ds.labels == [0, 1] and ds.masks == [None, visa / "candle/Data/Masks/Anomaly/3.png"]
+    with pytest.raises(vad.VadError, match="point --data at one category"):
+        vad.read_dataset(visa)
+    (visa / "split_csv/1cls.csv").write_text("object,split,label,image,mask\n"
+                                              "candle,train,normal,../../outside.png,\n")
+    with pytest.raises(vad.VadError, match="outside"):
+        vad.read_dataset(visa / "candle")
+    (visa / "split_csv/1cls.csv").write_text("object,split,label,image,mask\n"
+                                              "candle,train,anomaly,candle/Data/Images/Anomaly/3.png,\n")
+    with pytest.raises(vad.VadError, match="anomaly in the training split"):
+        vad.read_dataset(visa / "candle")
     plain = tree(tmp_path / "plain", ["line1/0.png", "line2/1.png"])
     assert vad.read_dataset(plain).layout == "folder of good images" and len(vad.read_dataset(plain).train) == 2
     for name, files in [("btech-like", ["ok/0.png", "ko/1.png"]), ("mixed", ["0.png", "test/1.png"]),

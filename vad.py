@@ -81,6 +81,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import csv
 import dataclasses
 import email.utils
 import fnmatch
@@ -2199,16 +2200,64 @@ LAYOUTS = [
      lambda root, folder, path: root / "ground_truth" / folder.name / f"{path.stem}.png"),
 ]
 LABELLED = ("test", "test_public", "ground_truth", "validation", "ko", "ng", "bad", "defect*", "anomal*")
+VISA_SPLIT = "split_csv/1cls.csv"  # VisA's 1-class split, beside its categories: object,split,label,image,mask
+MAX_SPLIT_BYTES = 64 * 2**20
+
+
+def read_visa(root):
+    """A VisA category folder (VisA/candle) as its 1-class split lists it: the CSV's
+    train rows (all normal) for fitting, its test rows labelled normal/anomaly, with
+    masks. Paths in the CSV are relative to the VisA folder and must stay inside it."""
+    base, split = root.parent, root.parent / VISA_SPLIT
+    if split.stat().st_size > MAX_SPLIT_BYTES:
+        raise VadError(f"--data {root}: {split} is over {MAX_SPLIT_BYTES // 2**20} MB; it is not VisA's split file")
+    dataset = Dataset(root, [], layout="VisA (1cls split)")
+    inside = base.resolve()
+
+    def path(text, line):
+        p = base / text
+        if not text or not p.resolve().is_relative_to(inside):
+            raise VadError(f"--data {root}: {split} line {line} names {text!r}, outside {base}")
+        return p
+    try:
+        with open(split, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise VadError(f"--data {root}: cannot read {split} ({e})") from None
+    if not rows or not {"object", "split", "label", "image", "mask"} <= set(rows[0]):
+        raise VadError(f"--data {root}: {split} lacks VisA's columns object,split,label,image,mask")
+    for line, row in enumerate(rows, 2):
+        if row["object"] != root.name:
+            continue
+        if row["label"] not in ("normal", "anomaly") or row["split"] not in ("train", "test"):
+            raise VadError(f"--data {root}: {split} line {line}: split {row['split']!r} label {row['label']!r} "
+                           f"is not train/test and normal/anomaly")
+        if row["split"] == "train":
+            if row["label"] != "normal":  # the 1-class split trains on normal images only
+                raise VadError(f"--data {root}: {split} line {line} puts an anomaly in the training split")
+            dataset.train.append(path(row["image"], line))
+        else:
+            dataset.test.append(path(row["image"], line))
+            dataset.labels.append(int(row["label"] == "anomaly"))
+            dataset.masks.append(path(row["mask"], line) if row["label"] == "anomaly" and row["mask"] else None)
+    if not dataset.train:
+        raise VadError(f"--data {root}: {split} lists no training images for {root.name!r}; "
+                       f"point --data at one category folder of VisA (e.g. VisA/candle)")
+    return dataset
 
 
 def read_dataset(root):
-    """A category folder in a known layout (LAYOUTS: MVTec AD, MVTec AD 2, BTech) with its
-    labelled test images and masks, or a plain folder of images, all of which are then
-    training images. A plain folder with a subfolder named like a label (LABELLED) is
-    refused."""
+    """A category folder in a known layout (LAYOUTS: MVTec AD, MVTec AD 2, BTech; or VisA,
+    by the split file beside it) with its labelled test images and masks, or a plain
+    folder of images, all of which are then training images. A plain folder with a
+    subfolder named like a label (LABELLED) is refused."""
     root = Path(root)
     if not root.is_dir():
         raise VadError(f"--data {root}: no such folder; give an MVTec AD category folder or a folder of images")
+    if (root.parent / VISA_SPLIT).is_file() and (root / "Data" / "Images").is_dir():
+        return read_visa(root)
+    if (root / VISA_SPLIT).is_file():
+        raise VadError(f"--data {root}: this is VisA's top folder; point --data at one category (e.g. {root}/candle)")
     for layout, train, tests, mask_of in LAYOUTS:
         if (root / train).is_dir() and (layout != "MVTec AD 2" or (root / "test_public").is_dir()):
             break
@@ -2217,7 +2266,7 @@ def read_dataset(root):
                                                                           for pattern in LABELLED))
         if labelled:
             raise VadError(f"--data {root}: it holds {labelled[0].relative_to(root)}/, which looks like labelled "
-                           f"test data, but not in a layout vad knows (MVTec AD, MVTec AD 2, BTech); point --data at "
+                           f"test data, but not in a layout vad knows (MVTec AD, MVTec AD 2, BTech, VisA); point --data at "
                            f"the folder of good images only")
         images = list_images(root)
         if not images:
