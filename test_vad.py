@@ -1343,6 +1343,17 @@ def test_crafted_onnx_files_are_refused_in_one_line(exported, dataset, tmp_path)
         "extra": (variant("extra", lambda p: p.update({"vad.extra": "1"})), "unexpected metadata keys"),
     }
     (tmp_path / "garbage.onnx").write_bytes(os.urandom(4096))
+    # a graph with export's signature and metadata whose maps are the input itself (N, 3, H, W)
+    h = onnx.helper
+    graph = h.make_graph([h.make_node("Identity", ["images"], ["maps"]),
+                          h.make_node("ReduceMax", ["images"], ["scores"], axes=[1, 2, 3], keepdims=0)], "odd",
+                         [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+                         [h.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["N"]),
+                          h.make_tensor_value_info("maps", onnx.TensorProto.FLOAT, ["N", 3, SIZE, SIZE])])
+    odd = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    odd.metadata_props.extend(onnx.load(exported["padim"]).metadata_props)
+    onnx.save(odd, tmp_path / "odd.onnx")
+    cases["odd"] = (tmp_path / "odd.onnx", "not what export writes")
     for path, message in cases.values():
         r = cli("score", path, image)
         assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.output, (path, r.output)

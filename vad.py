@@ -3101,7 +3101,14 @@ class OnnxModel:
             raise ValueError(f"its graph takes {x.name} {x.type} {x.shape}, not images (N, 3, {H}, {W})")
 
     def score(self, images):
-        scores, maps = self.session.run(["scores", "maps"], {"images": images.cpu().float().numpy()})
+        try:
+            scores, maps = self.session.run(["scores", "maps"], {"images": images.cpu().float().numpy()})
+        except Exception as e:  # a graph that loads but fails to run (crafted, or damaged)
+            raise VadError(f"the exported model failed to run ({str(e).strip().splitlines()[-1][:300]})") from None
+        if scores.dtype != np.float32 or maps.dtype != np.float32 or scores.shape != (len(images),) \
+                or maps.shape != (len(images), *self.input_size):
+            raise VadError(f"the exported model returned scores {scores.dtype} {scores.shape} and maps {maps.dtype} "
+                           f"{maps.shape}, not what export writes; export it again")
         return torch.from_numpy(scores), torch.from_numpy(maps)
 
     def map_score(self, anomaly_map):
@@ -3276,8 +3283,8 @@ def bench(data_dirs=None, models=("padim", "patchcore"), options=None, runtimes=
     check_settings(models, o.settings)
     if not runtimes or not set(runtimes) <= set(RUNTIMES):
         raise VadError(f"--runtime {','.join(runtimes)}: choose from {', '.join(RUNTIMES)}")
-    if "onnxruntime" in runtimes:
-        optional_import("onnx"), optional_import("onnxruntime")
+    for module in ("onnx", "onnxruntime") if "onnxruntime" in runtimes else ():
+        optional_import(module)
     where = machine()
     cores = where["cores"] or 1
     where["load_before"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -4413,6 +4420,15 @@ def run_api(fn, *args, **kwargs):
         raise CliError(str(e)) from None
 
 
+def one_line_errors(results):
+    """Yield from an API generator, a VadError raised on the way (an exported model
+    that fails to run) ending it as a one-line CLI error."""
+    try:
+        yield from results
+    except VadError as e:
+        raise CliError(str(e)) from None
+
+
 def _decorate(f, options):
     for option in reversed(options):
         f = option(f)
@@ -4709,7 +4725,7 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
         size = fit_within(r.source_size, MAX_OVERLAY_SIDE)
         return anomaly_map if size == tuple(r.source_size) else map_to_source(r.anomaly_map, r.source_size,
                                                                                detector.framing, size)
-    for r in score_files(detector, paths, batch_size):
+    for r in one_line_errors(score_files(detector, paths, batch_size)):
         if r.error:
             click.echo(f"error: {tsv_field(r.error)}", err=True)
             failed += 1
@@ -4828,7 +4844,8 @@ def export_command(model_file, out, force, check_images, batch_size, quiet):
     if out.suffix.lower() != ".onnx":
         raise CliError(f"--out {out}: give a file name ending in .onnx (score and serve tell models apart by it)")
     check_model_out(out, None, force)
-    run_api(optional_import, "onnx"), run_api(optional_import, "onnxruntime")  # before a long load
+    for module in ("onnx", "onnxruntime"):  # before a long load
+        run_api(optional_import, module)
     images = []
     if check_images:
         images = _expand_inputs([str(p) for p in check_images])[0]
