@@ -2783,7 +2783,7 @@ def evaluate(detector, dataset, batch_size=BATCH_SIZE):
 # An exported graph takes model inputs as score() does, images (N, 3, H, W) float32 RGB
 # in [0, 1] at the model's input size (the ImageNet normalization is inside), and
 # returns (scores (N,), maps (N, H, W)). Framing, thresholds and provenance travel in
-# its metadata, so ONNX Runtime alone can score with it (README, "Export").
+# its metadata, so ONNX Runtime alone can score with it (README, "Export to ONNX").
 
 ONNX_FORMAT = "vad-onnx"
 ONNX_FORMAT_VERSION = 1
