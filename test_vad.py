@@ -1121,6 +1121,17 @@ def test_update_that_fails_leaves_the_detector_as_it_was(dataset, tmp_path, wher
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_verdict_fails_closed_and_large_inputs_come_in_smaller_batches(fitted, dataset, monkeypatch):
+    assert [vad.Scored("x", s, 1.0).verdict for s in (0.5, 1.0, 1.5, float("nan"))] == \
+        ["ok", "ok", "anomalous", "anomalous"]  # NaN is never ok
+    sizes, detector = [], fitted["padim"]
+    monkeypatch.setattr(vad, "MAX_BATCH_PIXELS", 3 * SIZE * SIZE)  # room for 3 inputs of this model
+    score = detector.score
+    monkeypatch.setattr(detector, "score", lambda x: sizes.append(len(x)) or score(x))
+    results = list(vad.score_files(detector, vad.read_dataset(dataset).test, batch_size=16, desc=None))
+    assert max(sizes) == 3 and sum(sizes) == len(results) == len(vad.read_dataset(dataset).test)
+
+
 def test_calibrate_rule_hand_computed():
     assert vad.threshold_from([4.0, 1.0, 2.0]) == pytest.approx(4.2)  # max 4, plus 10% of max 4 - median 2
     assert vad.threshold_from([3.0]) == 3.0 and vad.threshold_from([5.0, 5.0]) == 5.0  # no spread, no margin
@@ -1339,7 +1350,12 @@ def test_crafted_onnx_files_are_refused_in_one_line(exported, dataset, tmp_path)
         "framing": (variant("framing", lambda p: p.update({"vad.framing": json.dumps(
             {"size": [SIZE, SIZE], "resize": "fit", "tile": 5, "overlap": 0.25})})), "framing is not valid"),
         "size": (variant("size", lambda p: p.update({"vad.input_size": "[32, 32]", "vad.framing": json.dumps(
-            {"size": [32, 32], "resize": "fit", "tile": None, "overlap": 0.25})})), "not images (N, 3, 32, 32)"),
+            {"size": [32, 32], "resize": "fit", "tile": None, "overlap": 0.25})})), "not images float (N, 3, 32, 32)"),
+        "infinite": (variant("infinite", lambda p: p.update({"vad.framing": p["vad.framing"].replace(
+            f"[{SIZE}, {SIZE}]", f"[Infinity, {SIZE}]")})), "Infinity is not a finite number"),
+        "huge tile": (variant("huge", lambda p: p.update({"vad.input_size": "[16384, 16384]", "vad.framing": json.dumps(
+            {"size": None, "resize": "fit", "tile": 16384, "overlap": 0.25})})), "over 100,000,000 pixels"),
+        "version": (variant("version", lambda p: p.update({"vad.format_version": "true"})), "format version True"),
         "extra": (variant("extra", lambda p: p.update({"vad.extra": "1"})), "unexpected metadata keys"),
     }
     (tmp_path / "garbage.onnx").write_bytes(os.urandom(4096))
@@ -1354,6 +1370,18 @@ def test_crafted_onnx_files_are_refused_in_one_line(exported, dataset, tmp_path)
     odd.metadata_props.extend(onnx.load(exported["padim"]).metadata_props)
     onnx.save(odd, tmp_path / "odd.onnx")
     cases["odd"] = (tmp_path / "odd.onnx", "not what export writes")
+    # ... and one whose scores are NaN, which must never pass as "ok" (NaN > threshold is False)
+    graph = h.make_graph([h.make_node("ReduceMean", ["images"], ["mean"], axes=[1], keepdims=0),
+                          h.make_node("Div", ["mean", "zero"], ["ratio"]), h.make_node("Mul", ["ratio", "zero"], ["maps"]),
+                          h.make_node("ReduceMax", ["maps"], ["scores"], axes=[1, 2], keepdims=0)], "nan",
+                         [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+                         [h.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["N"]),
+                          h.make_tensor_value_info("maps", onnx.TensorProto.FLOAT, ["N", SIZE, SIZE])],
+                         [h.make_tensor("zero", onnx.TensorProto.FLOAT, [], [0.0])])
+    nan = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    nan.metadata_props.extend(onnx.load(exported["padim"]).metadata_props)
+    onnx.save(nan, tmp_path / "nan-scores.onnx")
+    cases["nan scores"] = (tmp_path / "nan-scores.onnx", "NaN or infinite scores")
     for path, message in cases.values():
         r = cli("score", path, image)
         assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.output, (path, r.output)

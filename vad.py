@@ -134,6 +134,7 @@ BATCH_SIZE = 16
 TILE_OVERLAP = 0.25  # fraction by which neighbouring tiles overlap
 HOLDOUT = 0.1  # fraction of the normal training images kept out to calibrate the threshold
 MAX_PIXELS = 100_000_000  # per image, frame and map: larger images are refused before decoding (bombs)
+MAX_BATCH_PIXELS = 2**24  # model inputs per batch shrink below --batch-size when they are large (200 MB of fp32 RGB)
 MAX_MODEL_BYTES = 8 * 2**30  # the most a model file may unpack to; load() checks before reading
 CACHE_DIR = Path(os.environ.get("VAD_CACHE", Path.home() / ".cache" / "vad"))
 
@@ -2419,7 +2420,7 @@ class Scored:
 
     @property
     def verdict(self):
-        return "anomalous" if self.score > self.threshold else "ok"
+        return "ok" if self.score <= self.threshold else "anomalous"  # a NaN score is never "ok"
 
 
 def score_files(detector, sources, batch_size=BATCH_SIZE, desc="score"):
@@ -2432,6 +2433,8 @@ def score_files(detector, sources, batch_size=BATCH_SIZE, desc="score"):
     is defined for one input). An unreadable file yields its error and never stops the
     others. desc=None draws no progress bar."""
     framing = detector.framing
+    H, W = detector.input_size
+    batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (H * W)))  # memory, whatever the input size
     open_maps, ready, batch = {}, {}, []  # index -> (its own size, Stitcher) while scored; index -> Scored
 
     def inputs():  # (index, model input, offset) for every tile of every readable image
@@ -3011,11 +3014,16 @@ def is_vad_export(path):
         with open(path, "rb") as f:
             if Path(path).suffix.lower() != ".onnx" or not Path(path).is_file():
                 return False
+            head = f.read(1)  # a ModelProto starts with field 1, ir_version: tag 0x08
             f.seek(max(0, os.fstat(f.fileno()).st_size - 2**20))
             tail = f.read()
-        return b"vad.format" in tail and json.dumps(ONNX_FORMAT).encode() in tail
+        return head == b"\x08" and b"vad.format" in tail and json.dumps(ONNX_FORMAT).encode() in tail
     except OSError:
         return False
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a finite number")
 
 
 class OnnxModel:
@@ -3028,7 +3036,8 @@ class OnnxModel:
 
     def __init__(self, source):
         ort = optional_import("onnxruntime")
-        label = "the exported graph" if isinstance(source, bytes) else str(source)
+        ort.set_default_logger_severity(3)  # errors reach the user as vad's one line, not ONNX Runtime's log
+        label = self.label = "the exported graph" if isinstance(source, bytes) else str(source)
         if not isinstance(source, bytes):
             path = Path(source)
             if not path.is_file():
@@ -3049,7 +3058,7 @@ class OnnxModel:
                            f"'vad.py export'") from None
         raw = self.session.get_modelmeta().custom_metadata_map
         try:
-            meta = {k[4:]: json.loads(v) for k, v in raw.items() if k.startswith("vad.")}
+            meta = {k[4:]: json.loads(v, parse_constant=_no_constant) for k, v in raw.items() if k.startswith("vad.")}
             self._check(meta)
         except (ValueError, TypeError, KeyError) as e:
             raise VadError(f"{label} is not a vad model exported by 'vad.py export' ({e})") from None
@@ -3069,46 +3078,63 @@ class OnnxModel:
         """Raise ValueError unless the metadata and the graph's signature are export's."""
         if meta.get("format") != ONNX_FORMAT:
             raise ValueError("no vad metadata")
-        if meta.get("format_version") != ONNX_FORMAT_VERSION:
-            raise ValueError(f"export format version {meta.get('format_version')!r}, this vad reads "
-                             f"{ONNX_FORMAT_VERSION}; export it again with this vad")
+        version = meta.get("format_version")
+        if type(version) is not int or version != ONNX_FORMAT_VERSION:
+            raise ValueError(f"export format version {version!r}, this vad reads {ONNX_FORMAT_VERSION}; "
+                             f"export it again with this vad")
         if set(meta) != ONNX_META_KEYS:
             raise ValueError(f"unexpected metadata keys {sorted(set(meta) ^ ONNX_META_KEYS)}")
-        if meta["detector"] not in DETECTORS or not isinstance(meta["backbone"], str):
+        if not isinstance(meta["detector"], str) or meta["detector"] not in DETECTORS:
             raise ValueError(f"unknown detector {meta['detector']!r}")
-        framing = meta["framing"]
-        if not (isinstance(framing, dict) and set(framing) == {f.name for f in dataclasses.fields(Framing)}):
-            raise ValueError("its framing is not valid")
+        for key in ("backbone", "vad_version", "source_sha256", "parity"):
+            if not (isinstance(meta[key], str) and len(meta[key]) <= 4096 or meta[key] is None and key != "backbone"):
+                raise ValueError(f"{key} {str(meta[key])[:100]!r} is not a short string")
+        framing, size = meta["framing"], meta["input_size"]
+        if not (isinstance(framing, dict) and set(framing) == {f.name for f in dataclasses.fields(Framing)}
+                and (framing["size"] is None or isinstance(framing["size"], list) and len(framing["size"]) == 2
+                     and all(type(v) is int for v in framing["size"]))
+                and (framing["tile"] is None or type(framing["tile"]) is int)
+                and isinstance(size, list) and len(size) == 2 and all(type(v) is int and v >= 1 for v in size)
+                and size[0] * size[1] <= MAX_PIXELS):
+            raise ValueError(f"its framing is not valid, or its input is over {MAX_PIXELS:,} pixels")
         try:
             framing = Framing(**framing)
         except (VadError, TypeError) as e:
             raise ValueError(f"its framing is not valid: {e}") from None
-        if list(framing.input_size) != meta["input_size"]:
+        if list(framing.input_size) != size:
             raise ValueError("its input size does not match its framing")
         for key in ("threshold", "pixel_threshold", "map_low"):
             if type(meta[key]) not in (int, float) or not math.isfinite(meta[key]):
                 raise ValueError(f"{key} {meta[key]!r} is not a finite number")
-        if not re.fullmatch(r"max|topk:[1-9][0-9]{0,8}", str(meta["image_score"])):
-            raise ValueError(f"image_score {meta['image_score']!r} is not max or topk:K")
+        rule = meta["image_score"]
+        if not (isinstance(rule, str) and re.fullmatch(r"max|topk:[1-9][0-9]{0,8}", rule)
+                and (rule == "max" or int(rule[5:]) <= size[0] * size[1])):
+            raise ValueError(f"image_score {rule!r} is not max or topk:K with K at most the map's pixels")
         if not (isinstance(meta["info"], dict) and len(meta["info"]) <= 64
                 and all(isinstance(k, str) and type(v) in (int, float, bool, str, type(None))
                         for k, v in meta["info"].items())):
             raise ValueError("its info is not a small flat dictionary")
-        (x,), outputs = self.session.get_inputs(), self.session.get_outputs()
-        H, W = framing.input_size
-        if x.name != "images" or x.type != "tensor(float)" or x.shape[1:] != [3, H, W] \
-                or [o.name for o in outputs] != ["scores", "maps"]:
-            raise ValueError(f"its graph takes {x.name} {x.type} {x.shape}, not images (N, 3, {H}, {W})")
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        H, W = size
+        if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(float)" \
+                or inputs[0].shape[1:] != [3, H, W]:
+            shown = ", ".join(f"{x.name} {x.type} {x.shape}" for x in inputs) or "nothing"
+            raise ValueError(f"its graph takes {shown}, not images float (N, 3, {H}, {W})")
+        if [o.name for o in outputs] != ["scores", "maps"]:
+            raise ValueError(f"its graph returns {', '.join(o.name for o in outputs) or 'nothing'}, "
+                             f"not scores and maps")
 
     def score(self, images):
         try:
             scores, maps = self.session.run(["scores", "maps"], {"images": images.cpu().float().numpy()})
         except Exception as e:  # a graph that loads but fails to run (crafted, or damaged)
-            raise VadError(f"the exported model failed to run ({str(e).strip().splitlines()[-1][:300]})") from None
+            raise VadError(f"{self.label} failed to run ({str(e).strip().splitlines()[-1][:300]})") from None
         if scores.dtype != np.float32 or maps.dtype != np.float32 or scores.shape != (len(images),) \
                 or maps.shape != (len(images), *self.input_size):
-            raise VadError(f"the exported model returned scores {scores.dtype} {scores.shape} and maps {maps.dtype} "
+            raise VadError(f"{self.label} returned scores {scores.dtype} {scores.shape} and maps {maps.dtype} "
                            f"{maps.shape}, not what export writes; export it again")
+        if not (np.isfinite(scores).all() and np.isfinite(maps).all()):  # fail closed: NaN > threshold is False
+            raise VadError(f"{self.label} returned NaN or infinite scores or maps; export it again")
         return torch.from_numpy(scores), torch.from_numpy(maps)
 
     def map_score(self, anomaly_map):
