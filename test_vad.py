@@ -217,6 +217,8 @@ def test_backbone_taps_have_documented_strides_and_channels():
         feats = vad.FeatureExtractor(name, (1, 2, 3), weights="empty")(x)
         assert [f.shape[1] for f in feats] == list(channels)
         assert [f.shape[-1] for f in feats] == [16, 8, 4]  # strides 4, 8, 16
+        odd = vad.FeatureExtractor(name, (1, 2, 3), weights="empty")
+        assert odd.grids((61, 50)) == [tuple(f.shape[-2:]) for f in odd(torch.rand(1, 3, 61, 50))]
 
 
 def test_backbone_is_truncated_after_deepest_layer():

@@ -488,6 +488,10 @@ class FeatureExtractor(nn.Module):
     def channels(self):
         return [BACKBONES[self.name][i - 1] for i in self.layers]
 
+    def grids(self, input_size):
+        """(h, w) of each tapped map for inputs of input_size (H, W): layer l has stride 2^(l+1)."""
+        return [tuple(grid_size(n, 2 ** (layer + 1)) for n in input_size) for layer in self.layers]
+
     def train(self, mode=True):
         return super().train(mode and not self.frozen)  # frozen: batch norm keeps its ImageNet statistics
 
@@ -809,7 +813,7 @@ class PaDiM(Detector):
         self.register_buffer("stat_products", torch.empty(0, dtype=torch.float64))
 
     def fitted_shapes(self, state):
-        P, d = grid_size(self.input_size[0], 4) * grid_size(self.input_size[1], 4), self.config.d
+        P, d = math.prod(self.backbone.grids(self.input_size)[0]), self.config.d
         channels = state["channels"]
         C = sum(self.backbone.channels)
         if len(channels) == d and not bool(((channels >= 0) & (channels < C)).all()):
@@ -1858,6 +1862,16 @@ def check_header(checkpoint):
         raise ValueError("its tensors or checksum are missing")
 
 
+def check_model_path(path):
+    """The model file's Path, or a VadError if it is missing or not a regular file."""
+    path = Path(path)
+    if not path.exists():
+        raise VadError(f"model file {path} does not exist")
+    if not path.is_file():
+        raise VadError(f"{path} is not a vad model file (not a regular file)")
+    return path
+
+
 def load(path, device="cpu", precision="model"):
     """Read a .pt written by save(). A model file is input like any other, and may be
     crafted: its size is bounded before reading (check_archive), only tensors and plain
@@ -1867,11 +1881,7 @@ def load(path, device="cpu", precision="model"):
     is built. Any failure is one VadError. precision "model" keeps the backbone precision
     the model was fitted (and its threshold calibrated) with; any other value overrides
     it (see pick_precision)."""
-    path = Path(path)
-    if not path.exists():
-        raise VadError(f"model file {path} does not exist")
-    if not path.is_file():
-        raise VadError(f"{path} is not a vad model file (not a regular file); fit one with 'vad.py fit'")
+    path = check_model_path(path)
     check_archive(path)
     checkpoint = load_tensors(path, f"model file {path} does not exist",
                               f"{path} is not a vad model file ({{reason}}); fit one with 'vad.py fit'")
@@ -2821,8 +2831,7 @@ class PaDiMGraph(nn.Module):
     def __init__(self, padim):
         super().__init__()
         self.padim = padim
-        with torch.no_grad():
-            shapes = [f.shape[-2:] for f in padim.backbone(torch.zeros(1, 3, *padim.input_size))]
+        shapes = padim.backbone.grids(padim.input_size)
         self.grid = shapes[0]
         self.gathers, offset = [], 0
         for C, (h, w) in zip(padim.backbone.channels, shapes):
@@ -2859,8 +2868,7 @@ class PatchCoreGraph(nn.Module):
     def __init__(self, patchcore, batch=BATCH_SIZE):
         super().__init__()
         self.patchcore = patchcore
-        with torch.no_grad():
-            shapes = [f.shape[-2:] for f in patchcore.backbone(torch.zeros(1, 3, *patchcore.input_size))]
+        shapes = patchcore.backbone.grids(patchcore.input_size)
         (h, w), C = shapes[0], sum(patchcore.backbone.channels)
         self.grid = (h, w)
         # bilinear resampling of the deeper layers as two small matrix products, torch's weights exactly
@@ -3039,10 +3047,7 @@ class OnnxModel:
         ort.set_default_logger_severity(3)  # errors reach the user as vad's one line, not ONNX Runtime's log
         label = self.label = "the exported graph" if isinstance(source, bytes) else str(source)
         if not isinstance(source, bytes):
-            path = Path(source)
-            if not path.is_file():
-                raise VadError(f"model file {path} does not exist" if not path.exists() else
-                               f"{path} is not a model file (not a regular file)")
+            path = check_model_path(source)
             if path.stat().st_size > MAX_MODEL_BYTES:
                 raise VadError(f"{path} is {path.stat().st_size:,} bytes, over vad's limit of {MAX_MODEL_BYTES:,}")
             source = str(path)
