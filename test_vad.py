@@ -31,6 +31,7 @@ from http.client import HTTPConnection
 from pathlib import Path
 
 import numpy as np
+import click
 import pytest
 import scipy.ndimage
 import scipy.spatial.distance
@@ -2253,6 +2254,254 @@ def test_contract_bench_warns_about_masks_and_broken_links(dataset, tmp_path):
     assert r.stderr.count("1 of 6 defective test images have no mask") == 1
     assert r.stderr.count("1 mask(s)") == 1 and "differ in size" in r.stderr
     assert r.stderr.count("1 of them broken link(s)") == 1
+
+
+# -----------------------------------------------------------------------------
+# Hardening, third pass (issue 24): each test failed on the main it was written against
+
+
+def float_tiff(path, value, size=SIZE):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, np.float32), mode="F").save(path)
+    return path
+
+
+def strict_json(line):
+    """json.loads that refuses NaN and Infinity, as strict parsers (the serve page's, jq) do."""
+    return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in a JSON line"))
+
+
+def test_outputs_never_overwrite_inputs_or_files_vad_did_not_write(model_file, dataset, tmp_path):
+    data = vad.read_dataset(dataset)
+    image, mask = data.train[0], next(m for m in data.masks if m)
+    for target in (image, mask, model_file):  # bench --json onto a training image, a mask, a model file
+        before = target.read_bytes()
+        r = cli("bench", "--data", dataset, "--model", "padim", "--json", target, *TINY)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and target.read_bytes() == before, (target, r.output)
+    rows = tmp_path / "earlier.json"  # an earlier bench result may be replaced; other JSON may not
+    rows.write_text(json.dumps([{"category": "tiles", "model": "padim", "image_auroc": 1.0}]))
+    vad.check_output(rows, "--json", vad.is_bench_json, "bench results", [dataset])
+    other = tmp_path / "other.json"
+    other.write_text('{"category": "tiles"}')
+    with pytest.raises(click.ClickException):
+        vad.check_output(other, "--json", vad.is_bench_json, "bench results", [dataset])
+    # calibrate --out onto one of the good images it reads
+    good = tmp_path / "good"
+    for p in data.test[:3]:
+        save_png(np.asarray(Image.open(p)), good / p.name)
+    before = (good / data.test[0].name).read_bytes()
+    r = cli("calibrate", model_file, "--good", good, "--out", good / data.test[0].name, "-q")
+    assert r.exit_code == 2 and "input images" in r.stderr and (good / data.test[0].name).read_bytes() == before
+    # a.png's mask and the heat map of an input named a.png.mask land on the same name
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(before)
+    (tmp_path / "in" / "a.png.mask").write_bytes(before)
+    r = cli("score", model_file, tmp_path / "in" / "a.png", tmp_path / "in" / "a.png.mask", "--heatmaps",
+            tmp_path / "out", "--masks", tmp_path / "out", "-q")
+    assert r.exit_code == 2 and "two outputs" in r.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_pixels_are_an_unreadable_image_and_never_reach_json(value, fitted, dataset, tmp_path):
+    good = vad.read_dataset(dataset).test[:2]
+    bad = float_tiff(tmp_path / "nan.tif", value)
+    for name in ("padim", "patchcore"):
+        vad.save(fitted[name], tmp_path / f"{name}.pt")
+        r = cli("score", tmp_path / f"{name}.pt", good[0], bad, good[1], "--json", "-q")
+        assert r.exit_code == 3 and "Traceback" not in r.output, r.output
+        lines = [strict_json(line) for line in r.stdout.splitlines()]
+        assert [line["path"] for line in lines] == [str(good[0]), str(good[1])]
+        assert "NaN or infinite pixels" in r.stderr and str(bad) in r.stderr
+    # fit on a folder that holds one: refused in one line, nothing written
+    folder = tmp_path / "train"
+    for p in vad.read_dataset(dataset).train[:6]:
+        save_png(np.asarray(Image.open(p)), folder / p.name)
+    float_tiff(folder / "zz.tif", value)
+    r = cli("fit", "--model", "padim", "--data", folder, "--out", tmp_path / "f.pt", "-s", "d=20", *TINY)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and not (tmp_path / "f.pt").exists(), r.output
+
+
+def test_non_finite_model_outputs_are_errors_and_never_written(fitted, dataset, tmp_path, monkeypatch):
+    detector = fitted["padim"]
+    paths = vad.read_dataset(dataset).test[:2]
+    monkeypatch.setattr(vad.PaDiM, "score", lambda self, x: (torch.full((len(x),), float("nan")),
+                                                            torch.zeros(len(x), SIZE, SIZE)))
+    results = list(vad.score_files(detector, paths, desc=None))
+    assert all(r.error and "NaN or infinite" in r.error for r in results)
+    monkeypatch.undo()
+    broken = vad.load(vad.save(detector, tmp_path / "m.pt") or tmp_path / "m.pt")
+    broken.threshold.fill_(float("nan"))
+    with pytest.raises(vad.VadError, match="NaN or infinite"):
+        vad.save(broken, tmp_path / "nan.pt")
+    assert not (tmp_path / "nan.pt").exists()
+
+
+def test_calibrate_refuses_non_finite_targets_and_thresholds(model_file, dataset, tmp_path):
+    good = tmp_path / "good"
+    for p in vad.read_dataset(dataset).test[:4]:
+        save_png(np.asarray(Image.open(p)), good / p.name)
+    before = model_file.read_bytes()
+    for frr in ("nan", "inf"):
+        r = cli("calibrate", model_file, "--good", good, "--target-frr", frr, "-q")
+        assert r.exit_code == 2 and "Traceback" not in r.output and ("finite" in r.stderr or "range" in r.stderr)
+    float_tiff(good / "zz.tif", np.nan)
+    r = cli("calibrate", model_file, "--good", good, "-q")
+    assert r.exit_code == 2 and "NaN" in r.stderr and model_file.read_bytes() == before, r.output
+
+
+def naive_depth(obj):
+    """Containers within containers, by recursion over the object itself (an empty
+    container holds nothing, and counts as a scalar)."""
+    if isinstance(obj, dict):
+        obj = [*obj.keys(), *obj.values()]
+    if isinstance(obj, (list, tuple)) and obj:
+        return 1 + max(naive_depth(v) for v in obj)
+    return 0
+
+
+def test_pickle_depth_matches_the_objects_own_nesting():
+    cases = [1, "s", (), (1,), [(1, 2), {"a": [[]]}], {"k": {"k": {"k": (3,)}}}, [[1]] * 3, list(range(2500)),
+             [[[i] for i in range(1500)]]]
+    for obj in cases:
+        for protocol in (2, 4):
+            assert vad.pickle_depth(pickle.dumps(obj, protocol)) == naive_depth(obj), (obj, protocol)
+
+
+def test_a_deeply_nested_model_record_is_refused_not_a_crash(model_file, tmp_path):
+    import zipfile
+    checkpoint = torch.load(model_file, weights_only=True)
+    checkpoint["detector"] = "DEEPMARKER"
+    torch.save(checkpoint, tmp_path / "marked.pt")
+    deep = tmp_path / "deep.pt"
+    with zipfile.ZipFile(tmp_path / "marked.pt") as src, zipfile.ZipFile(deep, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):  # "padim" wrapped in 200,000 one-tuples (TUPLE1)
+                marker = b"X" + struct.pack("<I", 10) + b"DEEPMARKER"
+                assert data.count(marker) == 1
+                data = data.replace(marker, b"X" + struct.pack("<I", 5) + b"padim" + b"\x85" * 200_000)
+            dst.writestr(info, data)
+    image = tmp_path / "x.png"
+    save_png(np.zeros((SIZE, SIZE, 3)), image)
+    # a subprocess: on a vad that hashes the value, the process dies by SIGSEGV
+    r = subprocess.run([sys.executable, vad.__file__, "score", deep, image], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "nests containers" in r.stderr and r.stderr.count("\n") == 1, (r.returncode,
+                                                                                                r.stderr[-500:])
+
+
+def test_framing_and_settings_are_range_checked_on_load_and_fit(model_file, fitted, dataset, tmp_path):
+    image = vad.read_dataset(dataset).test[0]
+
+    def change(**values):
+        def apply(c):
+            for key, value in values.items():
+                where = c
+                for k in key.split(".")[:-1]:
+                    where = where[k]
+                where[key.split(".")[-1]] = value
+        return apply
+    vad.save(fitted["patchcore"], tmp_path / "pc.pt")
+    cases = [
+        (model_file, change(framing={"size": [64, 64000], "tile": 64, "overlap": 0.99, "resize": "fit"})),
+        (model_file, change(framing={"size": [64, 64], "tile": None, "overlap": float("nan"), "resize": "fit"})),
+        (model_file, change(**{"config.blur_sigma": 1e6})),
+        (model_file, change(**{"info.seed": 2**70})),
+        (tmp_path / "pc.pt", change(**{"config.num_neighbors": 10**9})),
+        (tmp_path / "pc.pt", change(**{"config.search_probe": 0})),
+        (tmp_path / "pc.pt", change(**{"state_dict.cell_radii": -torch.ones(
+            len(fitted["patchcore"].cell_radii))})),
+        (tmp_path / "pc.pt", change(**{"state_dict.bank_parts": torch.tensor(-3)})),
+    ]
+    for i, (source, apply) in enumerate(cases):
+        r = cli("score", crafted(source, tmp_path, f"c{i}.pt", apply), image)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.output, (i, r.output)
+    start = time.perf_counter()
+    for args in (["--image-size", "2048", "--tile", "32", "--tile-overlap", "0.99"], ["-s", "blur_sigma=nan"],
+                 ["--seed", str(2**70)], ["--tile-overlap", "nan", "--tile", "32"]):
+        r = cli("fit", "--model", "padim", "--data", dataset, "--out", tmp_path / "f.pt", "--backbone", "resnet18",
+                "--weights", "none", "-q", *args)
+        assert r.exit_code == 2 and not (tmp_path / "f.pt").exists() and "Traceback" not in r.output, (args, r.output)
+    assert time.perf_counter() - start < 10  # refused before any work
+    # native size: the tiles of each image are bounded one image at a time
+    big = tmp_path / "big.png"
+    save_png(np.zeros((2000, 2000, 3)), big)
+    framing = vad.Framing(None, "fit", 32, 0.99)
+    frames = list(vad.read_frames([big, image], framing))
+    assert "tiles" in frames[0].error and frames[1].error is None
+
+
+def test_onnx_external_data_and_nested_metadata_are_refused(exported, tmp_path):
+    import onnx
+    model = onnx.load(exported["padim"])
+    onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="big.bin", size_threshold=0)
+    assert (tmp_path / "big.bin").exists()
+    r = cli("score", tmp_path / "ext.onnx", tmp_path / "big.bin")
+    assert r.exit_code == 2 and "external data" in r.stderr and r.stderr.count("\n") == 1, r.output
+    model = onnx.load(exported["padim"])
+    for entry in model.metadata_props:
+        if entry.key == "vad.info":
+            entry.value = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.onnx").write_bytes(model.SerializeToString())
+    r = cli("score", tmp_path / "deep.onnx", tmp_path / "big.bin")
+    assert r.exit_code == 2 and "Traceback" not in r.output and r.stderr.count("\n") == 1, r.output
+
+
+def test_smaller_rows_of_the_third_hostile_pass(model_file, dataset, tmp_path, monkeypatch):
+    import zipfile
+    image = vad.read_dataset(dataset).test[0]
+    # a SIGKILLed run's temporary in --maps is removed by the next run
+    stale = tmp_path / "maps" / f".{image.name}.npy.999999999.0badf00d.tmp"
+    stale.parent.mkdir()
+    stale.write_bytes(b"partial")
+    assert cli("score", model_file, image, "--maps", tmp_path / "maps", "-q").exit_code == 0
+    assert not stale.exists() and (tmp_path / "maps" / f"{image.name}.npy").exists()
+    # SIGTERM inside torch's writer: the exit status says SIGTERM, not a write error
+    def interrupted(obj, path):
+        vad.STOP_SIGNAL = 15
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(vad, "_torch_save", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        vad.save(vad.load(model_file), tmp_path / "x.pt")
+    assert stop.value.code == 143 and not (tmp_path / "x.pt").exists()
+    monkeypatch.setattr(vad, "STOP_SIGNAL", None)
+    monkeypatch.undo()
+    # a name that is not UTF-8: strict JSON, its bytes in path_base64
+    odd = Path(os.fsdecode(bytes(tmp_path / "in") + b"/odd\xff.png"))
+    odd.parent.mkdir()
+    odd.write_bytes(image.read_bytes())
+    r = cli("score", model_file, odd, "--json", "-q")
+    line = strict_json(r.stdout)
+    line["path"].encode("utf-8")  # no lone surrogate
+    assert r.exit_code == 0 and line["path"].endswith("odd\\xff.png")
+    assert base64.b64decode(line["path_base64"]) == os.fsencode(odd)
+    # --weights: a deflate bomb is refused before it is inflated
+    torch.save({"w": torch.zeros(2**20)}, tmp_path / "w.pth")
+    with zipfile.ZipFile(tmp_path / "w.pth") as src, zipfile.ZipFile(tmp_path / "bomb.pth", "w",
+                                                                     zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    assert (tmp_path / "bomb.pth").stat().st_size < 100_000
+    with pytest.raises(vad.VadError, match="compressed"):
+        vad.load_backbone_weights("resnet18", tmp_path / "bomb.pth")
+    # VisA's split: a short row, a NUL in a path
+    visa = tmp_path / "VisA"
+    (visa / "candle" / "Data" / "Images").mkdir(parents=True)
+    (visa / "split_csv").mkdir()
+    for rows in ("candle,train\n", "candle,train,normal,a\0b.png,\n"):
+        (visa / "split_csv" / "1cls.csv").write_text("object,split,label,image,mask\n" + rows)
+        with pytest.raises(vad.VadError, match="line 2"):
+            vad.read_dataset(visa / "candle")
+    # --shard: empty, or digits that are not ASCII
+    for shard in ("", "\u0661/\u0662"):
+        r = cli("score", model_file, image, "--shard", shard, "-q")
+        assert r.exit_code == 2 and "--shard" in r.stderr and not r.stdout, (shard, r.output)
+    # Content-Length past 18 digits: too large (413), not malformed (400)
+    request = vad.parse_head(b"POST /score HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1" + b"0" * 30)
+    assert vad.body_length(request) > vad.MAX_UPLOAD_BYTES
+    request = vad.parse_head(b"POST /score HTTP/1.1\r\nHost: localhost\r\nContent-Length: 000000000000000000000042")
+    assert vad.body_length(request) == 42
 
 
 # -----------------------------------------------------------------------------

@@ -93,6 +93,7 @@ import importlib
 import io
 import json
 import math
+import mmap
 import os
 import platform
 import queue
@@ -134,8 +135,14 @@ BATCH_SIZE = 16
 TILE_OVERLAP = 0.25  # fraction by which neighbouring tiles overlap
 HOLDOUT = 0.1  # fraction of the normal training images kept out to calibrate the threshold
 MAX_PIXELS = 100_000_000  # per image, frame and map: larger images are refused before decoding (bombs)
+MAX_SIDE = 16384  # px, of a working frame or a tile
+MAX_TILES = 16384  # per image: its tiles are held at once, so they are bounded by count ...
+MAX_TILED_PIXELS = 2**28  # ... and by pixels (3 GiB as fp32 RGB; 2.7x MAX_PIXELS allows overlaps of 0.4)
 MAX_BATCH_PIXELS = 2**24  # model inputs per batch shrink below --batch-size when they are large (200 MB of fp32 RGB)
+MAX_SEED = 2**62  # seeds are 0..MAX_SEED: torch's generators take 64 bits, and seed + a part count must fit
 MAX_MODEL_BYTES = 8 * 2**30  # the most a model file may unpack to; load() checks before reading
+MAX_PICKLE_BYTES = 2**20  # a .pt's record of names and layout (a WRN50 state dict's is ~40 KB)
+MAX_NESTING = 32  # containers within containers in a .pt's record (vad's own nest 5 deep, torchvision's 4)
 CACHE_DIR = Path(os.environ.get("VAD_CACHE", Path.home() / ".cache" / "vad"))
 
 # -----------------------------------------------------------------------------
@@ -147,6 +154,7 @@ class VadError(Exception):
 
 
 VERBOSE = False  # progress bars and notes on stderr; the CLI turns them on, the API leaves them off
+STOP_SIGNAL = None  # the signal stopping the process (main() sets it): no error then hides the exit status
 
 
 def note(message):
@@ -381,12 +389,89 @@ def _stages(name, net):
     return [stem] + [getattr(net, f"layer{i}") for i in (2, 3) if hasattr(net, f"layer{i}")]
 
 
+def pickle_depth(data):
+    """How deeply the containers that a pickle builds nest, found by walking its opcodes
+    (pickletools.genops) without building anything. A crafted file can nest a value a
+    million deep: unpickled, hashing or comparing it recurses in C and kills the process
+    (no Python exception to catch), so the depth is bounded before torch.load sees it."""
+    import pickletools
+    mark, stack, memo, deepest = object(), [], {}, 0
+    for op, arg, _ in pickletools.genops(data):
+        before, after = op.stack_before, op.stack_after
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if op.name == "MEMOIZE" else arg] = stack[-1]
+            continue
+        if op.name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo[arg])
+            continue
+        if op.name == "DUP":
+            stack.append(stack[-1])
+            continue
+        items = []
+        if pickletools.stackslice in before:  # [..., markobject, stackslice]: through the mark
+            while stack[-1] is not mark:
+                items.append(stack.pop())
+            stack.pop()
+            before = before[:-2]
+        popped = [stack.pop() for _ in before][::-1] + items  # the container (if any) first
+        if any(d is mark for d in popped):
+            raise ValueError("unbalanced mark")
+        if not after:
+            continue
+        if after == [pickletools.markobject]:
+            stack.append(mark)
+            continue
+        if before and before[0] is after[0]:  # SETITEMS, APPENDS, BUILD, REDUCE: into the first
+            depth = max(popped[-1 if len(popped) == 1 else 0], 1 + max(popped[1:], default=-1))
+        else:
+            depth = 1 + max(popped) if popped else 0
+        deepest = max(deepest, depth)
+        stack += [depth] * len(after)
+    return deepest
+
+
+def check_archive(path, label):
+    """The pickle record of a torch zip archive that may be crafted, checked before
+    anything is unpickled: only stored (uncompressed) records, as torch.save writes them
+    (a small file that inflates to gigabytes is refused), at most MAX_MODEL_BYTES in all,
+    one pickle record of at most MAX_PICKLE_BYTES whose containers nest at most
+    MAX_NESTING deep. label: how errors name the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            pickles = [r for r in records if r.filename.endswith("/data.pkl")]
+            if any(r.compress_type != zipfile.ZIP_STORED for r in records):
+                raise VadError(f"{label} holds compressed records, which torch.save never writes")
+            total = sum(r.file_size for r in records)
+            if total > MAX_MODEL_BYTES:
+                raise VadError(f"{label} unpacks to {total:,} bytes, over vad's limit of {MAX_MODEL_BYTES:,}")
+            if len(pickles) != 1 or pickles[0].file_size > MAX_PICKLE_BYTES:
+                raise VadError(f"{label} is not a torch file vad reads (its record of names and layout is missing, "
+                               f"doubled, or over {MAX_PICKLE_BYTES:,} bytes)")
+            data = archive.read(pickles[0])
+    except (zipfile.BadZipFile, ValueError):
+        raise VadError(f"{label} is not a torch zip archive") from None
+    except OSError as e:
+        raise VadError(f"cannot read {label}: {e.strerror or e}") from None
+    try:
+        depth = pickle_depth(data)
+    except (ValueError, IndexError, KeyError, TypeError):
+        raise VadError(f"{label} is unreadable or truncated (its pickle record does not parse)") from None
+    if depth > MAX_NESTING:
+        raise VadError(f"{label} nests containers {depth} deep, over vad's limit of {MAX_NESTING}")
+
+
 def load_tensors(path, missing, unreadable):
-    """torch.load of a file that may be crafted: only tensors and plain containers are
-    unpickled (weights_only), so loading cannot run code. missing and unreadable are the
-    one-line errors (unreadable's {reason} says why)."""
+    """torch.load of a file that may be crafted: bounded and checked first (check_archive),
+    then only tensors and plain containers are unpickled (weights_only), so loading
+    cannot run code. missing and unreadable are the one-line errors (unreadable's
+    {reason} says why)."""
     if not Path(path).is_file():
         raise VadError(missing)
+    try:
+        check_archive(path, "the file")
+    except VadError as e:
+        raise VadError(unreadable.replace("{reason}", str(e))) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -586,12 +671,24 @@ def parse_size(text, minimum=32):
         size = ()
     if len(size) == 1:
         size = size * 2
-    if len(size) != 2 or not all(minimum <= v <= 16384 for v in size):
-        raise VadError(f"--image-size {text}: give N or HxW (height x width), each {minimum}..16384, or native")
+    if len(size) != 2 or not all(minimum <= v <= MAX_SIDE for v in size):
+        raise VadError(f"--image-size {text}: give N or HxW (height x width), each {minimum}..{MAX_SIDE}, or native")
     if size[0] * size[1] > MAX_PIXELS:
         raise VadError(f"--image-size {text}: {size[0] * size[1]:,} pixels is over vad's limit of {MAX_PIXELS:,}; "
                        f"use --image-size native with --tile for larger images")
     return size
+
+
+def tile_count(length, tile, overlap):
+    """Tiles along one axis of `length` px (tile_starts), counted without listing them."""
+    return 1 if length <= tile else math.ceil((length - tile) / max(1, tile * (1 - overlap))) + 1
+
+
+def tile_starts(length, tile, overlap):
+    """Tile offsets along one axis: evenly spread, the first at 0 and the last flush with
+    the end, at most tile * (1 - overlap) apart. One tile if the axis is no longer."""
+    n = tile_count(length, tile, overlap)
+    return [0] if n == 1 else [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
 @dataclass
@@ -614,20 +711,51 @@ class Framing:
         self.size = None if self.size is None else tuple(int(v) for v in self.size)
         if self.resize not in RESIZES:
             raise VadError(f"--resize {self.resize}: use {', '.join(RESIZES)}")
-        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1
+        if self.size is not None and (len(self.size) != 2 or not 1 <= min(self.size) <= max(self.size) <= MAX_SIDE
                                       or self.size[0] * self.size[1] > MAX_PIXELS):
-            raise VadError(f"working size {self.size}: must be (H, W), at most {MAX_PIXELS:,} pixels")
-        if self.tile is not None and not 32 <= self.tile <= 16384:
-            raise VadError(f"--tile {self.tile}: tiles must be 32..16384 px")
+            raise VadError(f"working size {self.size}: must be (H, W), sides 1..{MAX_SIDE}, at most {MAX_PIXELS:,} "
+                           f"pixels")
+        if self.tile is not None and not 32 <= self.tile <= MAX_SIDE:
+            raise VadError(f"--tile {self.tile}: tiles must be 32..{MAX_SIDE} px")
         if not 0 <= self.overlap < 1:
             raise VadError(f"--tile-overlap {self.overlap}: must be in [0, 1)")
         if self.size is None and self.tile is None:
             raise VadError("--image-size native needs --tile N (images of any size are then cut into tiles)")
+        if self.size is not None:
+            self.check_tiles(self.size, f"a {self.size[0]}x{self.size[1]} frame")
+
+    def check_tiles(self, frame, what):
+        """Refuse a frame (H, W) that would be cut into more tiles than vad's limits allow
+        (memory: all the tiles of one image are held at once)."""
+        if not self.tile:
+            return
+        n = tile_count(frame[0], self.tile, self.overlap) * tile_count(frame[1], self.tile, self.overlap)
+        if n > MAX_TILES or n * self.tile ** 2 > MAX_TILED_PIXELS:
+            raise VadError(f"{what} in tiles of {self.tile} px overlapping by {self.overlap:g} makes {n:,} tiles, over "
+                           f"vad's limit of {MAX_TILES:,} tiles or {MAX_TILED_PIXELS:,} tile pixels per image; use "
+                           f"larger tiles or less overlap")
 
     @property
     def input_size(self):
         """What the detector itself sees: (H, W)."""
         return (self.tile, self.tile) if self.tile else self.size
+
+
+def framing_from_record(record):
+    """The Framing a model file records (a .pt's framing, an .onnx's metadata), which may
+    be crafted: every field's type checked before its value, then Framing's own limits,
+    the ones fit applies. Raises ValueError."""
+    size, tile, overlap = (record.get(k) for k in ("size", "tile", "overlap")) if isinstance(record, dict) else [0] * 3
+    if not (isinstance(record, dict) and set(record) == {f.name for f in dataclasses.fields(Framing)}
+            and (size is None or isinstance(size, (list, tuple)) and len(size) == 2
+                 and all(type(v) is int for v in size))
+            and isinstance(record["resize"], str) and (tile is None or type(tile) is int)
+            and type(overlap) in (int, float)):
+        raise ValueError("its framing is not valid")
+    try:
+        return Framing(**record)
+    except VadError as e:
+        raise ValueError(f"its framing is not valid: {e}") from None
 
 
 def as_framing(framing):
@@ -727,6 +855,16 @@ class Detector(nn.Module):
         return self
 
 
+def check_ranges(config, **ranges):
+    """Raise ValueError unless each named setting lies in its [low, high] (NaN does not):
+    a file's settings may be crafted, and a value far out of range (blur_sigma=1e6 makes
+    every map flat) would pass every other check."""
+    for name, (low, high) in ranges.items():
+        value = getattr(config, name)
+        if value is not None and not all(low <= v <= high for v in (value if isinstance(value, tuple) else [value])):
+            raise ValueError(f"{name}={value} is out of range: give {low}..{high}")
+
+
 def check_layers(layers):
     """Backbone taps as a sorted tuple of distinct values from 1, 2, 3 (finest first)."""
     layers = tuple(sorted(set(layers)))
@@ -781,6 +919,7 @@ class PaDiMConfig:
 
     def __post_init__(self):
         self.layers = check_layers(self.layers)
+        check_ranges(self, d=(1, 4096), eps=(0, 1e6), blur_sigma=(0, 32))
         if self.d < 1:
             raise ValueError("d must be a positive number of channels")
         if self.eps <= 0:
@@ -1154,6 +1293,8 @@ class PatchCoreConfig:
 
     def __post_init__(self):
         self.layers = check_layers(self.layers)
+        check_ranges(self, num_neighbors=(1, 1024), search_cells=(0, 2**20), search_probe=(1, 2**20),
+                     projection_dim=(0, 4096), embed_dim=(1, 8192), blur_sigma=(0, 32))
         if self.search_cells < 0 or self.search_probe < 1:
             raise ValueError("search_cells must be >= 0 and search_probe >= 1")
         if not 0 < self.coreset_ratio <= 1:
@@ -1195,6 +1336,8 @@ class PatchCore(Detector):
         if len(order) == K and not (bool(((order >= 0) & (order < K)).all())
                                     and bool((torch.bincount(order, minlength=K) == 1).all())):
             raise ValueError("its PatchCore bank order is not a permutation of the bank's rows")
+        if not (bool((state["cell_radii"] >= 0).all()) and 0 <= int(state["bank_parts"]) <= 2**20):
+            raise ValueError("its PatchCore cell radii or part count are out of range")
         return super().fitted_shapes(state) | {
             "memory_bank": (K, D), "bank_origin": (D,), "cell_centres": (n, D), "cell_starts": (n + 1,),
             "cell_radii": (n,), "bank_order": (K,)}
@@ -1378,8 +1521,8 @@ def train_loop(parameters, epochs, lr_at, steps, precision="fp32"):
 
 def check_image_score(config):
     """image_score is max or topk (the mean of the top_k map values), top_k >= 1."""
-    if config.image_score not in ("max", "topk") or config.top_k < 1:
-        raise ValueError("image_score must be max or topk, and top_k >= 1")
+    if config.image_score not in ("max", "topk") or not 1 <= config.top_k <= MAX_PIXELS:
+        raise ValueError(f"image_score must be max or topk, and top_k 1..{MAX_PIXELS}")
 
 
 def top_k_mean(maps, k):
@@ -1446,6 +1589,8 @@ class EfficientADConfig:
     def __post_init__(self):
         self.layers = check_layers(self.layers)
         check_image_score(self)
+        check_ranges(self, epochs=(1, 100_000), lr=(0, 1), batch_size=(1, 4096), augment_pool=(1, 64),
+                     rotate=(0, 180), jitter=(0, 1), blur_sigma=(0, 32))
         if self.epochs < 1 or self.batch_size < 1 or self.augment_pool < 1:
             raise ValueError("epochs, batch_size and augment_pool must be >= 1")
         if not 0 <= self.hard_quantile < 1 or not 0 < self.lr_drop <= 1:
@@ -1610,6 +1755,10 @@ class AutoencoderConfig:
 
     def __post_init__(self):
         self.widths = tuple(self.widths)
+        check_ranges(self, widths=(1, 4096), latent=(1, 4096), epochs=(1, 100_000), lr=(0, 1), batch_size=(1, 4096),
+                     rotate=(0, 180), jitter=(0, 1), blur_sigma=(0, 32))
+        if len(self.widths) > 8:
+            raise ValueError("widths: at most 8 encoder convolutions")
         if not self.widths or min(self.widths) < 1 or self.latent < 1:
             raise ValueError("widths and latent must be positive channel counts")
         check_image_score(self)
@@ -1764,6 +1913,9 @@ def save(detector, path, info=None):
     """Write the detector to one .pt file, atomically (temporary file, then rename), with
     `info` (default: what fit() recorded in detector.info) about how it was fitted."""
     state = {k: v.detach().cpu() for k, v in detector.state_dict().items()}
+    odd = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if odd:  # load() would refuse the file: refuse to write it, and keep the old one
+        raise VadError(f"not writing {path}: the model's {odd[0]} holds NaN or infinite values")
     checkpoint = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -1782,6 +1934,8 @@ def save(detector, path, info=None):
     try:
         atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp))
     except (OSError, RuntimeError) as e:  # disk full, read-only folder, ...: the old file (if any) is intact
+        if STOP_SIGNAL:  # SIGTERM's SystemExit, raised inside torch's writer, comes out as its RuntimeError
+            raise SystemExit(128 + STOP_SIGNAL) from None
         # torch's zip writer reports a failed write as a RuntimeError, with its C++ context
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
         raise VadError(f"could not write model file {path}: {reason}") from None
@@ -1789,25 +1943,6 @@ def save(detector, path, info=None):
 
 MODEL_KEYS = {"format", "format_version", "vad_version", "detector", "config", "image_size", "framing", "precision",
               "normalization", "threshold", "info", "sha256", "state_dict"}
-
-
-def check_archive(path):
-    """Refuse, before anything is unpickled, a model file that could unpack to more
-    memory than it occupies: save() writes uncompressed records only, so a compressed
-    record (a small file that inflates to gigabytes) is refused, and so is a total over
-    MAX_MODEL_BYTES."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            records = archive.infolist()
-    except (zipfile.BadZipFile, ValueError):
-        raise VadError(f"{path} is not a vad model file (not a torch zip archive); fit one with 'vad.py fit'") from None
-    except OSError as e:
-        raise VadError(f"cannot read model file {path}: {e.strerror or e}") from None
-    if any(r.compress_type != zipfile.ZIP_STORED for r in records):
-        raise VadError(f"{path} is not a vad model file (it holds compressed records, which vad never writes)")
-    total = sum(r.file_size for r in records)
-    if total > MAX_MODEL_BYTES:
-        raise VadError(f"{path} unpacks to {total:,} bytes, over vad's limit of {MAX_MODEL_BYTES:,}")
 
 
 def _typed(value, default):
@@ -1828,8 +1963,10 @@ def check_header(checkpoint):
     if set(checkpoint) != MODEL_KEYS:
         unknown, missing = sorted(set(checkpoint) - MODEL_KEYS), sorted(MODEL_KEYS - set(checkpoint))
         raise ValueError(f"unknown key(s) {unknown}" if unknown else f"missing key(s) {missing}")
-    if checkpoint["detector"] not in DETECTORS:
-        raise ValueError(f"unknown detector {checkpoint['detector']!r}")
+    # Types first: an unpickled value is compared or hashed only once it is known to be a
+    # string (a crafted deep tuple would recurse in C; check_archive bounds nesting too).
+    if not isinstance(checkpoint["detector"], str) or checkpoint["detector"] not in DETECTORS:
+        raise ValueError(f"unknown detector {str(checkpoint['detector'])[:100]!r}")
     config, Config = checkpoint["config"], DETECTORS[checkpoint["detector"]].Config
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     if not isinstance(config, dict) or not set(config) <= set(defaults):
@@ -1841,23 +1978,22 @@ def check_header(checkpoint):
     if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v >= 1 for v in size)
             and size[0] * size[1] <= MAX_PIXELS):
         raise ValueError(f"image_size {size!r} is not a valid input size")
-    framing = checkpoint["framing"]
-    if not (isinstance(framing, dict) and set(framing) == {f.name for f in dataclasses.fields(Framing)}
-            and (framing["size"] is None or (isinstance(framing["size"], (list, tuple)) and len(framing["size"]) == 2
-                                             and all(type(v) is int for v in framing["size"])))
-            and isinstance(framing["resize"], str) and (framing["tile"] is None or type(framing["tile"]) is int)
-            and type(framing["overlap"]) in (int, float)):
-        raise ValueError("its framing is not valid")
-    if checkpoint["precision"] not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision {checkpoint['precision']!r} is not fp32, bf16 or fp16")
-    if checkpoint["normalization"] != {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}:
+    framing_from_record(checkpoint["framing"])
+    if not isinstance(checkpoint["precision"], str) or checkpoint["precision"] not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision {str(checkpoint['precision'])[:100]!r} is not fp32, bf16 or fp16")
+    norm = checkpoint["normalization"]
+    if not (isinstance(norm, dict) and all(isinstance(v, list) and all(type(x) is float for x in v)
+                                           for v in norm.values())) \
+            or norm != {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}:
         raise ValueError("its input normalization is not the ImageNet one vad applies")
     info = checkpoint["info"]  # flat and small: nested containers could share references without end
     if not (isinstance(info, dict) and len(info) <= 64 and all(
-            isinstance(k, str) and len(k) <= 256 and (type(v) in (int, float, bool, type(None))
+            isinstance(k, str) and len(k) <= 256 and (v is None or type(v) is bool
+                                                      or (type(v) is int and 0 <= v <= MAX_SEED)
+                                                      or (type(v) is float and math.isfinite(v))
                                                       or (isinstance(v, str) and len(v) <= 4096))
             for k, v in info.items())):
-        raise ValueError("its info is not a small flat dictionary")
+        raise ValueError("its info is not a small flat dictionary of strings and numbers in range")
     if not isinstance(checkpoint["state_dict"], dict) or not isinstance(checkpoint["sha256"], str):
         raise ValueError("its tensors or checksum are missing")
 
@@ -1874,7 +2010,7 @@ def check_model_path(path):
 
 def load(path, device="cpu", precision="model"):
     """Read a .pt written by save(). A model file is input like any other, and may be
-    crafted: its size is bounded before reading (check_archive), only tensors and plain
+    crafted: its size and nesting are bounded before reading (check_archive), only tensors and plain
     containers are unpickled (weights_only=True, so no code runs), every header field is
     checked for type and range, the checksum over what decides scoring must match, and
     every tensor must have the dtype and shape the config implies before the detector
@@ -1882,7 +2018,6 @@ def load(path, device="cpu", precision="model"):
     the model was fitted (and its threshold calibrated) with; any other value overrides
     it (see pick_precision)."""
     path = check_model_path(path)
-    check_archive(path)
     checkpoint = load_tensors(path, f"model file {path} does not exist",
                               f"{path} is not a vad model file ({{reason}}); fit one with 'vad.py fit'")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("format"), str) \
@@ -1896,7 +2031,7 @@ def load(path, device="cpu", precision="model"):
     try:
         check_header(checkpoint)
         cls, state = DETECTORS[checkpoint["detector"]], checkpoint["state_dict"]
-        config, framing = cls.Config(**checkpoint["config"]), Framing(**checkpoint["framing"])
+        config, framing = cls.Config(**checkpoint["config"]), framing_from_record(checkpoint["framing"])
         if list(framing.input_size) != checkpoint["image_size"]:
             raise ValueError("its input size does not match its framing")
         with torch.device("meta"):  # shapes and dtypes only: a crafted config allocates nothing
@@ -1989,15 +2124,6 @@ def valid_box(source_size, frame, resize):
     return max(top, 0), max(left, 0), min(top + h, frame[0]), min(left + w, frame[1])
 
 
-def tile_starts(length, tile, overlap):
-    """Tile offsets along one axis: evenly spread, the first at 0 and the last flush with
-    the end, at most tile * (1 - overlap) apart. One tile if the axis is no longer."""
-    if length <= tile:
-        return [0]
-    n = math.ceil((length - tile) / max(1, tile * (1 - overlap))) + 1
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
-
-
 def blend_window(tile):
     """1-D stitching weight: highest at the tile's centre, falling linearly to a small
     value at its edges, so overlaps fade from one tile to the next (and a pixel covered
@@ -2063,7 +2189,12 @@ def _decoded(source):
     image = _open(source)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         scale = 1.0 if image.mode == "F" else 65535.0
-        return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) / scale, 0, 1), mode="F")
+        pixels = np.asarray(image, dtype=np.float32) / scale
+        if not np.isfinite(pixels).all():  # no intensity to score, and NaN would pass every comparison
+            path = "(uploaded bytes)" if isinstance(source, (bytes, bytearray)) else source
+            raise VadError(f"cannot read image {path}: it holds NaN or infinite pixels (a float image must hold "
+                           f"finite values, 0..1)")
+        return Image.fromarray(np.clip(pixels, 0, 1), mode="F")
     if image.mode == "P" or image.mode == "LA":
         image = image.convert("RGBA")
     return image.convert("RGB")
@@ -2226,8 +2357,10 @@ def read_visa(root):
     inside = base.resolve()
 
     def path(text, line):
+        if not isinstance(text, str) or not text or "\0" in text:  # a short row, or a name no file can have
+            raise VadError(f"--data {root}: {split} line {line} names no usable path ({text!r})")
         p = base / text
-        if not text or not p.resolve().is_relative_to(inside):
+        if not p.resolve().is_relative_to(inside):
             raise VadError(f"--data {root}: {split} line {line} names {text!r}, outside {base}")
         return p
     try:
@@ -2330,6 +2463,7 @@ def cut_tiles(frame, framing):
     if not framing.tile:
         return frame[None], [(0, 0)]
     T, (H, W) = framing.tile, frame.shape[1:]
+    framing.check_tiles((H, W), f"a {H}x{W} image")
     if H < T or W < T:
         frame = _paste(_mean_canvas(max(H, T), max(W, T)), frame, 0, 0)
     offsets = [(y, x) for y in tile_starts(H, T, framing.overlap) for x in tile_starts(W, T, framing.overlap)]
@@ -2363,10 +2497,11 @@ def read_frames(sources, framing):
         for i, source in enumerate(sources):
             try:
                 x, source_size = frame_image(source, framing)
+                tiles, offsets = cut_tiles(x, framing)
             except VadError as e:
                 yield Frame(i, error=str(e))
                 continue
-            yield Frame(i, x, source_size, *cut_tiles(x, framing))
+            yield Frame(i, x, source_size, tiles, offsets)
     if len(sources) == 1:
         return frames()  # nothing to overlap with (one upload to serve)
     n = tiles_per_image(framing)
@@ -2497,6 +2632,10 @@ def _scored(detector, source, source_size, stitcher, single_score):
         score = detector.map_score(inside.reshape(-1))
         anomaly_map = torch.full((H, W), float("nan"))
         anomaly_map[t:b, l:r] = inside
+    if not (math.isfinite(score) and torch.isfinite(anomaly_map[t:b, l:r]).all()):
+        # e.g. fp16 overflow: no verdict, and no NaN or Infinity in a JSON line
+        return Scored(_label(source), error=f"{_label(source)}: the model gave NaN or infinite values for it; "
+                                            f"score it in fp32 (--precision fp32)")
     return Scored(_label(source), score, float(detector.threshold), anomaly_map.numpy(), source_size)
 
 
@@ -2535,6 +2674,8 @@ class RunOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "settings", tuple(self.settings or ()))
+        if type(self.seed) is not int or not 0 <= self.seed <= MAX_SEED:
+            raise VadError(f"seed {self.seed!r}: give an integer from 0 to {MAX_SEED}")
 
     @property
     def framing(self):
@@ -3030,6 +3171,62 @@ def is_vad_export(path):
         return False
 
 
+# Where an ONNX file can hold a tensor, as (message, field number) -> the message there
+# (onnx.proto3: ModelProto.graph 7 and functions 25; GraphProto.node 1, initializer 5,
+# sparse_initializer 15; NodeProto.attribute 5; AttributeProto.t 5, g 6, tensors 10,
+# graphs 11, sparse_tensor 22, sparse_tensors 23; FunctionProto.node 7;
+# SparseTensorProto.values 1, indices 2).
+ONNX_TENSOR_PLACES = {
+    "model": {7: "graph", 25: "function"}, "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"}, "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse",
+                                            23: "sparse"},
+    "function": {7: "node"}, "sparse": {1: "tensor", 2: "tensor"}}
+
+
+def onnx_external_tensors(data, start=0, end=None, kind="model", depth=0):
+    """Whether tensors of an ONNX file (its bytes or an mmap of it; the message from
+    start to end) keep their data in another file (nonzero: the count of TensorProto.external_data (13) entries and
+    data_location (14) = EXTERNAL fields), read from the protobuf wire format itself:
+    ONNX Runtime would open such a file, of any size, beside the model or in the working
+    folder. Raises ValueError for bytes that do not parse or nest over 32 graphs deep."""
+    if depth > 32:
+        raise ValueError("graphs nested over 32 deep")
+    found, i, n = 0, start, len(data) if end is None else end
+
+    def varint():
+        nonlocal i
+        value = shift = 0
+        while True:
+            if i >= n or shift > 63:
+                raise ValueError("truncated protobuf")
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+    while i < n:
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+            found += kind == "tensor" and number == 14 and value == 1
+        elif wire == 2:
+            length = varint()
+            if i + length > n:
+                raise ValueError("truncated protobuf")
+            inner = ONNX_TENSOR_PLACES.get(kind, {}).get(number)
+            if inner:
+                found += onnx_external_tensors(data, i, i + length, inner, depth + 1)
+            found += kind == "tensor" and number == 13
+            i += length
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+    return found
+
+
 def _no_constant(name):
     raise ValueError(f"{name} is not a finite number")
 
@@ -3051,6 +3248,15 @@ class OnnxModel:
             if path.stat().st_size > MAX_MODEL_BYTES:
                 raise VadError(f"{path} is {path.stat().st_size:,} bytes, over vad's limit of {MAX_MODEL_BYTES:,}")
             source = str(path)
+            try:
+                with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    external = onnx_external_tensors(data)
+            except (OSError, ValueError) as e:
+                raise VadError(f"{label} is not a model ONNX Runtime can run ({e}); export one with "
+                               f"'vad.py export'") from None
+            if external:  # export writes every tensor into the one file; another file is unbounded
+                raise VadError(f"{label} keeps tensors in other files (ONNX external data), which "
+                               f"'vad.py export' never writes; export the model again")
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # as torch is told, by OMP_NUM_THREADS or the CPU
         options.inter_op_num_threads = 1
@@ -3065,11 +3271,11 @@ class OnnxModel:
         try:
             meta = {k[4:]: json.loads(v, parse_constant=_no_constant) for k, v in raw.items() if k.startswith("vad.")}
             self._check(meta)
-        except (ValueError, TypeError, KeyError) as e:
-            raise VadError(f"{label} is not a vad model exported by 'vad.py export' ({e})") from None
+        except (ValueError, TypeError, KeyError, RecursionError) as e:  # RecursionError: deeply nested JSON
+            raise VadError(f"{label} is not a vad model exported by 'vad.py export' ({str(e)[:200]})") from None
         self.name = meta["detector"]
         self.config = types.SimpleNamespace(backbone=meta["backbone"])
-        self.framing = Framing(**meta["framing"])
+        self.framing = framing_from_record(meta["framing"])
         self.input_size = self.framing.input_size
         self.threshold = torch.tensor(float(meta["threshold"]))
         self.pixel_threshold = torch.tensor(float(meta["pixel_threshold"]))
@@ -3094,18 +3300,10 @@ class OnnxModel:
         for key in ("backbone", "vad_version", "source_sha256", "parity"):
             if not (isinstance(meta[key], str) and len(meta[key]) <= 4096 or meta[key] is None and key != "backbone"):
                 raise ValueError(f"{key} {str(meta[key])[:100]!r} is not a short string")
-        framing, size = meta["framing"], meta["input_size"]
-        if not (isinstance(framing, dict) and set(framing) == {f.name for f in dataclasses.fields(Framing)}
-                and (framing["size"] is None or isinstance(framing["size"], list) and len(framing["size"]) == 2
-                     and all(type(v) is int for v in framing["size"]))
-                and (framing["tile"] is None or type(framing["tile"]) is int)
-                and isinstance(size, list) and len(size) == 2 and all(type(v) is int and v >= 1 for v in size)
+        framing, size = framing_from_record(meta["framing"]), meta["input_size"]
+        if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v >= 1 for v in size)
                 and size[0] * size[1] <= MAX_PIXELS):
-            raise ValueError(f"its framing is not valid, or its input is over {MAX_PIXELS:,} pixels")
-        try:
-            framing = Framing(**framing)
-        except (VadError, TypeError) as e:
-            raise ValueError(f"its framing is not valid: {e}") from None
+            raise ValueError(f"its input size is not (H, W), or over {MAX_PIXELS:,} pixels")
         if list(framing.input_size) != size:
             raise ValueError("its input size does not match its framing")
         for key in ("threshold", "pixel_threshold", "map_low"):
@@ -3743,9 +3941,10 @@ def body_length(request):
         raise HttpError(400, "more than one Content-Length header", close=True)
     if not lengths:
         return None
-    if not (lengths[0].isascii() and lengths[0].isdigit()) or len(lengths[0]) > 18:
+    if not (lengths[0].isascii() and lengths[0].isdigit()):
         raise HttpError(400, "Content-Length must be ASCII digits", close=True)
-    return int(lengths[0])
+    digits = lengths[0].lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else 10**18  # over any limit: 413, as any other too-large body
 
 
 def host_name(value):
@@ -3781,7 +3980,7 @@ def raise_open_file_limit():
 
 
 def _json(obj):
-    return json.dumps(obj).encode()
+    return json_text(obj).encode()
 
 
 def _printable(data, limit=200):
@@ -4388,6 +4587,18 @@ class PeakMemory:
             self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def json_text(obj, **kwargs):
+    """JSON that strict parsers read: a float that is NaN or infinite (a metric undefined
+    on the data, such as pixel AUROC without masks) is written null, never NaN."""
+    def clean(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        return [clean(v) for v in o] if isinstance(o, (list, tuple)) else o
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -4398,19 +4609,33 @@ def _alive(pid):
     return True
 
 
+TEMPORARY = re.compile(r"\.(.+)\.([0-9]{1,9})\.[0-9a-f]{8}\.tmp", re.ASCII | re.DOTALL)  # .NAME.PID.HEX.tmp
+
+
+def _remove_if_stale(tmp, name=None):
+    """Delete `tmp` if it is atomic_write()'s temporary (for a file called `name`, if
+    given) of a process that no longer runs (killed with SIGKILL, or by a power cut,
+    before it could clean up); a running writer's is kept."""
+    match = TEMPORARY.fullmatch(tmp.name)
+    try:
+        if match and name in (None, match[1]) and tmp.is_file() and not tmp.is_symlink() and not _alive(int(match[2])):
+            tmp.unlink()
+    except OSError:  # best effort: a file we cannot remove is left, never an error
+        pass
+
+
 def remove_stale_temporaries(path):
-    """Delete the temporary files that atomic_write() left for `path` in processes that
-    no longer run (killed with SIGKILL, or by a power cut, before they could clean up).
-    They are recognised by name, .NAME.PID.HEX.tmp; a running writer's are kept."""
+    """Delete the stale temporaries that atomic_write() left for `path`."""
     path = Path(path)
-    ours = re.compile(rf"\.{re.escape(path.name)}\.([0-9]{{1,9}})\.[0-9a-f]{{8}}\.tmp", re.ASCII)
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        match = ours.fullmatch(tmp.name)
-        try:
-            if match and tmp.is_file() and not tmp.is_symlink() and not _alive(int(match.group(1))):
-                tmp.unlink()
-        except OSError:  # best effort: a file we cannot remove is left, never an error
-            pass
+        _remove_if_stale(tmp, path.name)
+
+
+def remove_stale_temporaries_in(folder):
+    """Delete every stale temporary in `folder` and below: one walk for the many files
+    of score's output folders, whose writes (durable=False) skip the per-file clean-up."""
+    for tmp in Path(folder).rglob(".*.tmp"):
+        _remove_if_stale(tmp)
 
 
 def atomic_write(path, write, durable=True):
@@ -4441,6 +4666,16 @@ def atomic_write(path, write, durable=True):
 
 class CliError(click.ClickException):
     exit_code = 2
+
+
+class FiniteRange(click.FloatRange):
+    """A float option in a range that also refuses nan and inf (click's FloatRange lets
+    nan through: every comparison with it is False)."""
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 
 
 def run_api(fn, *args, **kwargs):
@@ -4483,10 +4718,11 @@ def fit_options(f):
                           "never scored); crop: keep the aspect ratio and cut the overhang."),
         click.option("--tile", type=click.IntRange(32), default=d.tile, help="Cut the working image into TILE x "
                      "TILE squares, each scored at full resolution, maps blended back [default: no tiling]."),
-        click.option("--tile-overlap", type=click.FloatRange(0, 1, max_open=True), default=d.tile_overlap,
+        click.option("--tile-overlap", type=FiniteRange(0, 1, max_open=True), default=d.tile_overlap,
                      show_default=True, help="Fraction by which neighbouring tiles overlap."),
-        click.option("--seed", type=int, default=d.seed, show_default=True, help="Seeds every random choice."),
-        click.option("--holdout", type=float, default=d.holdout, show_default=True,
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=d.seed, show_default=True,
+                     help="Seeds every random choice."),
+        click.option("--holdout", type=FiniteRange(0, 1, max_open=True), default=d.holdout, show_default=True,
                      help="Fraction of normal training images kept out to calibrate the threshold."),
         click.option("--epochs", type=click.IntRange(1), default=d.epochs, help="Training epochs of the detectors "
                      "that train (efficientad, autoencoder) [default: their own]."),
@@ -4568,7 +4804,7 @@ def fit_command(model, data, out, force, update_file, quiet, **options):
         if data is None:
             raise CliError("--update needs --data, the new normal images")
         out = out or update_file
-        check_model_out(out, data, force)
+        check_model_out(out, [data], force)
         detector = run_api(load, update_file, options["device"])
         run_api(update, detector, data, options["batch_size"])
         run_api(save, detector, out)
@@ -4579,7 +4815,7 @@ def fit_command(model, data, out, force, update_file, quiet, **options):
         data = synthetic_data()[0]
         note(f"no --data: using the embedded synthetic set {data} (a smoke test, not a benchmark)")
     out = out or Path(f"{Path(data).resolve().name}-{model}.pt")
-    check_model_out(out, data, force)
+    check_model_out(out, [data], force)
     start = time.perf_counter()
     detector = run_api(fit, data, model, RunOptions(**options))
     run_api(save, detector, out, detector.info)
@@ -4599,21 +4835,41 @@ def check_writable(path, option):
         raise CliError(f"{option} {path}: cannot write there ({e.strerror or e}); choose another path") from None
 
 
-def check_model_out(out, data, force):
-    """Refuse, before any work, an --out that could not be written, or that would
-    destroy something vad did not make: one of the training images, or (without --force)
-    any file that is not a vad model (.pt) or export (.onnx)."""
-    check_writable(out, "--out")
-    if not (out.exists() or out.is_symlink()):
+def is_bench_json(path):
+    """Whether `path` holds what bench --json writes: a JSON list of result rows."""
+    try:
+        if not path.is_file() or path.stat().st_size > 64 * 2**20:
+            return False
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and {"category", "model"} <= set(r) for r in rows)
+
+
+def check_output(path, option, ours, kind, reads=(), force=None):
+    """The one rule for a file a command writes (fit, calibrate and export --out, bench
+    --json), checked before any work: it can be written; it is none of the command's
+    inputs (`reads`: files, and folders whose images are read); and an existing file is
+    replaced only if `ours(path)` says vad wrote it as this `kind` of output, or with
+    --force where the command has it (force=False; None: no such option)."""
+    check_writable(path, option)
+    if not (path.exists() or path.is_symlink()):
         return
-    if data is not None and Path(data).is_dir():
-        target = out.resolve()
-        if (is_image(out) and target.is_relative_to(Path(data).resolve())) or \
-                any(p.resolve() == target for p in Path(data).rglob("*") if is_image(p)):
-            raise CliError(f"--out {out} is one of the training images in {data}; write the model elsewhere")
-    if not force and not (is_vad_model(out) or is_vad_export(out)):
-        raise CliError(f"--out {out} exists and is not a vad model file; choose another name, or add --force "
-                       f"to replace it")
+    target = path.resolve()
+    for item in map(Path, reads):
+        if target == item.resolve() or item.is_dir() and (
+                (is_image(path) and target.is_relative_to(item.resolve()))
+                or any(p.resolve() == target for p in item.rglob("*") if is_image(p))):
+            raise CliError(f"{option} {path} is one of the input images in {item} (training images, or images to "
+                           f"check or score); write it elsewhere")
+    if not force and not ours(path):
+        raise CliError(f"{option} {path} exists and is not {kind}; choose another name"
+                       + (", or add --force to replace it" if force is False else ""))
+
+
+def check_model_out(out, reads, force):
+    """check_output for a model file (.pt or its .onnx export)."""
+    check_output(out, "--out", lambda p: is_vad_model(p) or is_vad_export(p), "a vad model file", reads, force)
 
 
 def _expand_inputs(inputs, null=False):
@@ -4635,7 +4891,7 @@ def _expand_inputs(inputs, null=False):
 
 def parse_shard(text):
     """--shard K/N -> (K, N), 0 <= K < N."""
-    match = re.fullmatch(r"\s*(\d{1,9})\s*/\s*(\d{1,9})\s*", text)
+    match = re.fullmatch(r"\s*([0-9]{1,9})\s*/\s*([0-9]{1,9})\s*", text)
     if not match or not int(match[1]) < int(match[2]):
         raise CliError(f"--shard {text}: give K/N with N >= 1 and K from 0 to N-1, e.g. --shard 0/4")
     return int(match[1]), int(match[2])
@@ -4683,6 +4939,19 @@ def output_paths(paths, folders, directory, option, suffix):
     return outputs
 
 
+def json_path(path):
+    """{"path": PATH} for a JSON line. A name that is not UTF-8 (a Linux name may hold
+    any bytes but / and NUL) cannot be JSON text as it is: its undecodable bytes are
+    written \\xHH in "path", and "path_base64" gives its exact bytes."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return {"path": text}
+    except UnicodeEncodeError:
+        raw = os.fsencode(text)
+        return {"path": raw.decode("utf-8", "backslashreplace"), "path_base64": base64.b64encode(raw).decode()}
+
+
 def npy_bytes(array):
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -4699,7 +4968,7 @@ def npy_bytes(array):
               "(float32, the image's own size, NaN where not inspected).")
 @click.option("--masks", type=click.Path(path_type=Path), help="Write each binary defect mask (map above the pixel "
               "threshold: 255, else 0) here, as <name>.<ext>.mask.png at the image's own size.")
-@click.option("--threshold", type=float, help="Judge with this image threshold instead of the model's, for this run "
+@click.option("--threshold", type=FiniteRange(), help="Judge with this image threshold instead of the model's, for this run "
               "(vad.py calibrate changes the model's).")
 @click.option("--null", "-0", "null", is_flag=True, help="Paths on stdin ('-') are NUL-separated (find -print0).")
 @click.option("--fail-on-anomaly", is_flag=True, help="Exit 1 when any image is judged anomalous.")
@@ -4732,7 +5001,7 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
       find line3/ -name '*.png' -print0 | python vad.py score bottle-padim.pt - -0 --json --heatmaps out/
     """
     _verbosity(quiet)
-    part = parse_shard(shard) if shard else None
+    part = parse_shard(shard) if shard is not None else None
     detector = run_api(load_model, model_file, device, precision)
     if threshold is not None:
         if not math.isfinite(threshold):
@@ -4749,6 +5018,14 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
     outputs = {option: output_paths(paths, folders, directory, option, suffix)
                for option, directory, suffix in (("heatmaps", heatmaps, ".png"), ("maps", maps, ".npy"),
                                                  ("masks", masks, ".mask.png")) if directory}
+    landing = collections.Counter(p.resolve() for paths_of in outputs.values() for p in paths_of.values())
+    clash = [p for p, count in landing.items() if count > 1]
+    if clash:
+        raise CliError(f"two outputs would be written to {clash[0]} (an input's heat map, map or mask has another's "
+                       f"name); give --heatmaps, --maps and --masks folders of their own")
+    for directory in (heatmaps, maps, masks):
+        if directory and directory.is_dir():
+            remove_stale_temporaries_in(directory)
     pixel_threshold = float(detector.pixel_threshold)
     failed = unwritten = anomalous = 0
 
@@ -4763,7 +5040,7 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
             continue
         anomaly_map = map_to_source(r.anomaly_map, r.source_size, detector.framing) if outputs or as_json else None
         anomalous += r.verdict == "anomalous"
-        record = {"path": str(r.path), "score": r.score, "threshold": r.threshold, "verdict": r.verdict}
+        record = json_path(r.path) | {"score": r.score, "threshold": r.threshold, "verdict": r.verdict}
         if as_json:
             regions, count = defect_regions(anomaly_map, pixel_threshold)
             record |= {"pixel_threshold": pixel_threshold, "regions": regions, "region_count": count}
@@ -4775,12 +5052,12 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
                 try:
                     # a failed write leaves an older file at that name untouched
                     atomic_write(outputs[option][r.path], write, durable=False)
-                    record[key] = str(outputs[option][r.path])
+                    record[key] = json_path(outputs[option][r.path])["path"]
                 except OSError as e:
                     click.echo(f"error: cannot write the {key} of {tsv_field(str(r.path))} to "
                                f"{tsv_field(str(outputs[option][r.path]))}: {e.strerror or e}", err=True)
                     unwritten += 1
-        click.echo(json.dumps(record) if as_json else f"{tsv_field(str(r.path))}\t{r.score:.6g}\t{r.verdict}")
+        click.echo(json_text(record) if as_json else f"{tsv_field(str(r.path))}\t{r.score:.6g}\t{r.verdict}")
     if failed:
         click.echo(f"error: {failed} of {len(paths)} image(s) could not be read", err=True)
     if unwritten:
@@ -4797,7 +5074,7 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
               help="Folder (or file) of good images from the line, repeatable.")
 @click.option("--bad", "bad_dirs", multiple=True, type=click.Path(path_type=Path),
               help="Folder (or file) of defective images, repeatable (needed for --max-f1).")
-@click.option("--target-frr", type=click.FloatRange(0, 1, max_open=True),
+@click.option("--target-frr", type=FiniteRange(0, 1, max_open=True),
               help="Reject at most this fraction of the good images [default: 0.01, unless --max-f1].")
 @click.option("--max-f1", is_flag=True, help="The threshold with the best F1 on the good and bad images.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the calibrated model here [default: rewrite "
@@ -4822,7 +5099,7 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
         raise CliError(f"{model_file} is an exported model: calibrate the .pt it came from, then export it again")
     out = out or model_file
     if out != model_file:
-        check_model_out(out, None, force=False)
+        check_model_out(out, [*good_dirs, *bad_dirs], None)
     detector = run_api(load, model_file, device, precision)
 
     def scores(items, what):
@@ -4839,6 +5116,8 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
         c = confusion(good, bad, t)
         click.echo(f"{label}: threshold {t:.6g}: good {c['good_ok']} ok, {c['good_rejected']} rejected"
                    + (f"; bad {c['bad_caught']} caught, {c['bad_missed']} missed" if len(bad) else ""))
+    if not math.isfinite(after):
+        raise CliError(f"the calibrated threshold is {after}, not a finite number; the model file is unchanged")
     detector.threshold.fill_(after)
     rule = "max-f1" if max_f1 else f"target-frr {0.01 if target_frr is None else target_frr}"
     detector.info = {**detector.info, "calibrated": f"{rule} on {len(good)} good and {len(bad)} bad images"}
@@ -4874,7 +5153,7 @@ def export_command(model_file, out, force, check_images, batch_size, quiet):
     out = out or model_file.with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":
         raise CliError(f"--out {out}: give a file name ending in .onnx (score and serve tell models apart by it)")
-    check_model_out(out, None, force)
+    check_model_out(out, check_images, force)
     for module in ("onnx", "onnxruntime"):  # before a long load
         run_api(optional_import, module)
     images = []
@@ -4914,9 +5193,9 @@ def bench_command(models, data, more_data, json_file, runtimes, quiet, **options
     """
     _verbosity(quiet)
     o = RunOptions(**options)
-    if json_file:
-        check_writable(json_file, "--json")
     dirs = list(data) + list(more_data)
+    if json_file:
+        check_output(json_file, "--json", is_bench_json, "a JSON file of bench results", dirs)
     if not dirs and o.weights == "imagenet":
         try:
             load_backbone_weights(o.backbone, "imagenet")
@@ -4942,7 +5221,7 @@ def bench_command(models, data, more_data, json_file, runtimes, quiet, **options
                f"torch {where['torch']}\n")
     click.echo(bench_table(results))
     if json_file:
-        atomic_write(json_file, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+        atomic_write(json_file, lambda tmp: Path(tmp).write_text(json_text(results, indent=2)))
 
 
 @cli.command("serve")
@@ -4997,7 +5276,11 @@ def serve_command(model_files, host, port, max_bytes, allow_hosts, precision, de
 def main():
     """The command line, with SIGTERM (a service manager stopping vad, `kill`, a CI
     timeout) handled as Ctrl-C is: SystemExit runs every cleanup on its way out."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    def stop(signum, frame):
+        global STOP_SIGNAL
+        STOP_SIGNAL = signum
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
     cli()
 
 
