@@ -2271,7 +2271,7 @@ def strict_json(line):
     return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in a JSON line"))
 
 
-def test_outputs_never_overwrite_inputs_or_files_vad_did_not_write(model_file, dataset, tmp_path):
+def test_contract_outputs_never_overwrite_inputs_or_files_vad_did_not_write(model_file, dataset, tmp_path):
     data = vad.read_dataset(dataset)
     image, mask = data.train[0], next(m for m in data.masks if m)
     for target in (image, mask, model_file):  # bench --json onto a training image, a mask, a model file
@@ -2302,7 +2302,7 @@ def test_outputs_never_overwrite_inputs_or_files_vad_did_not_write(model_file, d
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
-def test_non_finite_pixels_are_an_unreadable_image_and_never_reach_json(value, fitted, dataset, tmp_path):
+def test_contract_non_finite_pixels_are_an_unreadable_image_and_never_reach_json(value, fitted, dataset, tmp_path):
     good = vad.read_dataset(dataset).test[:2]
     bad = float_tiff(tmp_path / "nan.tif", value)
     for name in ("padim", "patchcore"):
@@ -2321,7 +2321,7 @@ def test_non_finite_pixels_are_an_unreadable_image_and_never_reach_json(value, f
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and not (tmp_path / "f.pt").exists(), r.output
 
 
-def test_non_finite_model_outputs_are_errors_and_never_written(fitted, dataset, tmp_path, monkeypatch):
+def test_contract_non_finite_model_outputs_are_errors_and_never_written(fitted, dataset, tmp_path, monkeypatch):
     detector = fitted["padim"]
     paths = vad.read_dataset(dataset).test[:2]
     monkeypatch.setattr(vad.PaDiM, "score", lambda self, x: (torch.full((len(x),), float("nan")),
@@ -2336,7 +2336,7 @@ def test_non_finite_model_outputs_are_errors_and_never_written(fitted, dataset, 
     assert not (tmp_path / "nan.pt").exists()
 
 
-def test_calibrate_refuses_non_finite_targets_and_thresholds(model_file, dataset, tmp_path):
+def test_contract_calibrate_refuses_non_finite_targets_and_thresholds(model_file, dataset, tmp_path):
     good = tmp_path / "good"
     for p in vad.read_dataset(dataset).test[:4]:
         save_png(np.asarray(Image.open(p)), good / p.name)
@@ -2367,7 +2367,7 @@ def test_pickle_depth_matches_the_objects_own_nesting():
             assert vad.pickle_depth(pickle.dumps(obj, protocol)) == naive_depth(obj), (obj, protocol)
 
 
-def test_a_deeply_nested_model_record_is_refused_not_a_crash(model_file, tmp_path):
+def test_contract_a_deeply_nested_model_record_is_refused_not_a_crash(model_file, tmp_path):
     import zipfile
     checkpoint = torch.load(model_file, weights_only=True)
     checkpoint["detector"] = "DEEPMARKER"
@@ -2390,7 +2390,7 @@ def test_a_deeply_nested_model_record_is_refused_not_a_crash(model_file, tmp_pat
                                                                                                 r.stderr[-500:])
 
 
-def test_framing_and_settings_are_range_checked_on_load_and_fit(model_file, fitted, dataset, tmp_path):
+def test_contract_framing_and_settings_are_range_checked_on_load_and_fit(model_file, fitted, dataset, tmp_path):
     image = vad.read_dataset(dataset).test[0]
 
     def change(**values):
@@ -2431,7 +2431,7 @@ def test_framing_and_settings_are_range_checked_on_load_and_fit(model_file, fitt
     assert "tiles" in frames[0].error and frames[1].error is None
 
 
-def test_onnx_external_data_and_nested_metadata_are_refused(exported, tmp_path):
+def test_contract_onnx_external_data_and_nested_metadata_are_refused(exported, tmp_path):
     import onnx
     model = onnx.load(exported["padim"])
     onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
@@ -2448,7 +2448,7 @@ def test_onnx_external_data_and_nested_metadata_are_refused(exported, tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output and r.stderr.count("\n") == 1, r.output
 
 
-def test_smaller_rows_of_the_third_hostile_pass(model_file, dataset, tmp_path, monkeypatch):
+def test_contract_smaller_rows_of_the_third_hostile_pass(model_file, dataset, tmp_path, monkeypatch):
     import zipfile
     image = vad.read_dataset(dataset).test[0]
     # a SIGKILLed run's temporary in --maps is removed by the next run
