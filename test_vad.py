@@ -474,13 +474,61 @@ def test_padim_update_is_the_fit_on_the_union(dataset, n_old, n_new, covariance)
         np.testing.assert_allclose((L[p] @ L[p].T).numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_padim_update_needs_the_statistics_kept_at_fit(dataset):
+def numpy_padim(x, covariance, eps=0.01):
+    """PaDiM's mean and regularized covariance of features x (N, d) written out in
+    numpy: eq. 1's unbiased covariance, or Chen et al.'s OAS (eq. 23) of the ML one."""
+    N, d = x.shape
+    if covariance == "sample":
+        return x.mean(0), np.cov(x, rowvar=False) + eps * np.eye(d)
+    S = np.cov(x, rowvar=False, bias=True)
+    tr, tr2 = np.trace(S), np.trace(S @ S)
+    r = min(1.0, ((1 - 2 / d) * tr2 + tr ** 2) / ((N + 1 - 2 / d) * (tr2 - tr ** 2 / d)))
+    return x.mean(0), (1 - r) * S + (r * tr / d + eps) * np.eye(d)
+
+
+@pytest.mark.parametrize("n_old, n_new, covariance", [(3, 4, "oas"), (12, 8, "sample")])
+def test_padim_update_without_kept_statistics_is_the_fit_on_the_union_to_fp32_rounding(dataset, n_old, n_new,
+                                                                                       covariance):
+    """A PaDiM fitted without updatable gives its sums back from its mean and Cholesky
+    factors (and, with OAS, by undoing the shrinkage): update(fit(A), B) is numpy's
+    statistics of A + B, and the fit on A + B to fp32 rounding."""
+    paths = vad.read_dataset(dataset).train[: n_old + n_new]
+    cfg = vad.PaDiMConfig(backbone="resnet18", d=12, covariance=covariance)
+    union = seeded(vad.PaDiM, cfg, 32)
+    union.fit(vad.load_images(paths, 32, batch_size=20))
+    updated = seeded(vad.PaDiM, cfg, 32)
+    updated.fit(vad.load_images(paths[:n_old], 32, batch_size=20))
+    assert updated.stat_products.numel() == 0  # not kept: the file stays as small as before
+    updated.info = {"images": n_old}  # as fit() records it
+    assert vad.update_support(updated) == "to fp32 rounding"
+    updated.update(vad.load_images(paths[n_old:], 32, batch_size=20))
+    C, C_union = (m.cholesky.double() @ m.cholesky.double().transpose(1, 2) for m in (updated, union))
+    scale = C_union.abs().amax((1, 2), keepdim=True)
+    assert ((C - C_union).abs() / scale).max() < 2e-6  # measured: 4e-7 (fp32 rounding is 6e-8)
+    torch.testing.assert_close(updated.mean, union.mean, rtol=1e-6, atol=1e-6 * float(union.mean.abs().max()))
+    x = updated.embed(torch.stack([vad.read_image(p, 32) for p in paths])).double().flatten(2).numpy()  # (N, d, P)
+    for p in (0, 27, x.shape[2] - 1):
+        mean, cov = numpy_padim(x[:, :, p], covariance)
+        np.testing.assert_allclose(updated.mean[p].numpy(), mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(C[p].numpy(), cov, rtol=1e-4, atol=1e-4)
+
+
+def test_padim_update_refuses_statistics_it_cannot_recover(dataset):
     paths = vad.read_dataset(dataset).train[:4]
-    det = seeded(vad.PaDiM, vad.PaDiMConfig(backbone="resnet18", d=12), 32)
+    det = seeded(vad.PaDiM, vad.PaDiMConfig(backbone="resnet18", d=12, covariance="oas"), 32)
     det.fit(vad.load_images(paths, 32))
-    assert det.stat_products.numel() == 0  # not kept: the file stays as small as before
-    with pytest.raises(vad.VadError, match="updatable=true"):
+    with pytest.raises(vad.VadError, match="how many images"):  # no info: no count
         det.update(vad.load_images(paths, 32))
+    det.info = {"images": 4}
+    before = det.cholesky.clone()
+    det.cholesky[5] = torch.eye(12) * 0.7  # shrunk all the way to a scaled identity: nothing left of S
+    with pytest.raises(vad.VadError, match=r"OAS shrinkage is nearly total .* at 1 of 64 positions"):
+        det.update(vad.load_images(paths, 32))
+    assert vad.update_support(det) == "no"
+    det.cholesky = before
+    assert vad.update_support(det) == "to fp32 rounding"
+    det.config.updatable = True
+    assert vad.update_support(det) == "exact"
 
 # -----------------------------------------------------------------------------
 # PatchCore's memory bank: greedy coreset and exact nearest-neighbour search
@@ -1622,7 +1670,8 @@ def copy_images(paths, folder):
 def test_cli_fit_update_adds_images_to_padim_and_patchcore(dataset, tmp_path):
     train = vad.read_dataset(dataset).train
     old, new = copy_images(train[:8], tmp_path / "old"), copy_images(train[8:14], tmp_path / "new")
-    for model, settings in (("padim", ["-s", "d=20", "-s", "updatable=true"]), ("patchcore", [])):
+    for model, settings in (("padim", ["-s", "d=20", "-s", "updatable=true"]), ("padim", ["-s", "d=20"]),
+                            ("patchcore", [])):
         m = tmp_path / f"{model}.pt"
         assert cli("fit", "--model", model, "--data", old, "--out", m, *TINY, *settings).exit_code == 0
         original = m.read_bytes()
@@ -1947,7 +1996,6 @@ def test_contract_failed_or_refused_update_keeps_the_old_file(fitted, dataset, t
         vad.save(fitted[name], tmp_path / f"{name}.pt")
     cases = {  # model, extra options, expected in the one error line
         "a trained detector": ("efficientad", [], "efficientad models cannot be updated"),
-        "PaDiM without its statistics": ("padim", [], "-s updatable=true"),
         "another image size": ("patchcore", ["--image-size", 32], "drop --image-size"),
         "a setting": ("patchcore", ["-s", "coreset_ratio=0.5"], "drop -s"),
         "no --data": ("patchcore", [None], "needs --data"),

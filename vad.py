@@ -763,6 +763,12 @@ def mahalanobis(x, mean, cholesky):
     return z.square().sum(1).sqrt()
 
 
+# The least 1 - rho (OAS shrinkage) at which a PaDiM fitted without updatable gives its
+# statistics back: they come back divided by it, so the fp32 rounding of the Cholesky
+# factors (~1e-7) grows at most 1000-fold, to ~1e-4 of the covariance.
+OAS_RECOVERABLE = 1e-3
+
+
 @dataclass
 class PaDiMConfig:
     backbone: str = "wide_resnet50_2"
@@ -775,8 +781,9 @@ class PaDiMConfig:
     eps: float = 0.01  # covariance regularizer eps*I, the PaDiM reference code's value
     covariance: str = "sample"  # sample (eq. 1 of the paper) or oas: shrunk toward a scaled identity (oas_shrink)
     blur_sigma: float = BLUR_SIGMA
-    # Keep fit's fp64 sums in the model, so that `fit --update` can add images exactly.
-    # Off by default: they are P x d(d+1)/2 fp64, as large as the Cholesky factors again.
+    # Keep fit's fp64 sums in the model, so that `fit --update` adds images bit for bit
+    # (without them, it recovers the sums from the mean and Cholesky factors, to fp32
+    # rounding). Off by default: they are P x d(d+1)/2 fp64, as large as the factors again.
     updatable: bool = False
 
     def __post_init__(self):
@@ -849,16 +856,56 @@ class PaDiM(Detector):
     def update(self, batches, seed=0):
         # Chan et al.'s parallel merge of (n, mean, scatter) would do, but fit's own sums
         # around its own shift simply go on: the result is the fit on all the images,
-        # bit for bit when the batches split the same way.
+        # bit for bit when the batches split the same way. Without them, the sums that the
+        # mean and Cholesky factors imply go on instead (recovered_statistics).
         if not self.config.updatable:
-            raise VadError("this PaDiM model does not hold its fitted statistics, so images cannot be added to it "
-                           "exactly; fit it again with -s updatable=true")
+            self.estimate(*self.accumulate(batches, *self.recovered_statistics()))
+            return
         P, d = self.mean.shape
         i, j = torch.tril_indices(d, d, device=self.device)
         s2 = self.stat_products.new_empty(P, d, d)
         s2[:, i, j] = s2[:, j, i] = self.stat_products
         self.estimate(*self.accumulate(batches, int(self.stat_count), self.stat_shift[..., None],
                                        self.stat_sum[..., None].clone(), s2))
+
+    def recovered_statistics(self):
+        """The sums of accumulate (n, shift, s1, s2) that a model fitted without
+        updatable implies, to the fp32 rounding of its mean and Cholesky factors: n is
+        info["images"], the shift its mean (so s1 = 0), s2 the scatter that estimate
+        turned into L L^T. Raises VadError when they cannot be recovered."""
+        n = self.info.get("images")
+        if type(n) is not int or n < 2:
+            raise VadError("this PaDiM model's info does not say how many images it was fitted on, so images "
+                           "cannot be added to it; fit it again")
+        P, d = self.mean.shape
+        cov = self.cholesky.double() @ self.cholesky.double().transpose(1, 2)  # (P, d, d)
+        cov.diagonal(dim1=1, dim2=2).sub_(self.config.eps)
+        if self.config.covariance == "sample":
+            s2 = cov.mul_(n - 1)  # estimate divided by n - 1
+        else:
+            # OAS keeps the trace T and scales the traceless part A = S - T/d I by
+            # r = 1 - rho, so S = T/d I + A_shrunk / r. rho = num/den (oas_shrink) with
+            # tr(S^2) = T^2/d + |A_shrunk|^2 / r^2 is a quadratic in r:
+            # K r^2 + c a r - n a = 0, with a = |A_shrunk|^2, c = n + 1 - 2/d and
+            # K = T^2 (1 + (1 - 2/d)/d); its root in (0, 1], in the form that does not cancel.
+            T = cov.diagonal(dim1=1, dim2=2).sum(-1)  # (P,)
+            A = cov
+            A.diagonal(dim1=1, dim2=2).sub_((T / d)[:, None])
+            a = A.square().sum((1, 2))
+            c, K = n + 1 - 2 / d, T.square() * (1 + (1 - 2 / d) / d)
+            r = 2 * n * a / (c * a + (c * c * a * a + 4 * K * n * a).sqrt())
+            # Where rho was ~1, S was all but replaced by T/d I and 1/r would multiply the
+            # fp32 rounding of L past any use: refuse rather than add images to noise.
+            lost = ~(r > OAS_RECOVERABLE)  # NaN where a = 0: S was replaced by T/d I outright
+            if bool(lost.any()):
+                raise VadError(f"this PaDiM model's OAS shrinkage is nearly total (rho > {1 - OAS_RECOVERABLE}) at "
+                               f"{int(lost.sum())} of {P} positions, so its statistics cannot be "
+                               f"recovered; fit it again with -s updatable=true")
+            s2 = A.div_(r[:, None, None])
+            s2.diagonal(dim1=1, dim2=2).add_((T / d)[:, None])
+            s2.mul_(n)  # estimate divided by n
+        shift = self.mean[..., None].clone()  # (P, d, 1)
+        return n, shift, torch.zeros_like(shift, dtype=torch.float64), s2
 
     def accumulate(self, batches, n=0, shift=None, s1=None, s2=None):
         """Add the batches' features to the fp64 sums s1 (P, d, 1) of x - shift and s2
@@ -2645,6 +2692,28 @@ def update(detector, data, batch_size=BATCH_SIZE):
         "images": info["images"] + len(fit_idx), "held_out": info["held_out"] + len(held_idx),
         "added": info["added"] + len(paths)}
     return detector
+
+
+def update_support(detector):
+    """How `fit --update` would add images to this model, in a word or three (for `info`
+    and the README): "exact", the fit on all the images (bit for bit when the batches
+    split alike: a PaDiM with updatable=true); "to fp32 rounding" (any other PaDiM, from
+    its mean and Cholesky factors; a PatchCore that keeps every patch, from its centred
+    bank); "union of coresets" (a thinned PatchCore: the new images are thinned on their
+    own, the fit on all only where that fit would have closed a part); or "no"."""
+    if isinstance(detector, PaDiM):
+        if detector.config.updatable:
+            return "exact"
+        if detector.config.covariance == "oas" or type(detector.info.get("images")) is not int:
+            try:  # OAS may have shrunk too far to give them back: try (L L^T over every position)
+                with torch.no_grad():
+                    detector.recovered_statistics()
+            except VadError:
+                return "no"
+        return "to fp32 rounding"
+    if isinstance(detector, PatchCore):
+        return "to fp32 rounding" if detector.config.coreset_ratio == 1 else "union of coresets"
+    return "no"
 
 
 def auroc(scores, labels):
