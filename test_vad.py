@@ -12,6 +12,7 @@ checked against independent references (scipy, naive loops, hand-computed cases)
 import base64
 import concurrent.futures
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -2011,6 +2012,30 @@ def test_contract_failed_or_refused_update_keeps_the_old_file(fitted, dataset, t
         assert r.exit_code == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (case, r.output)
         assert model.read_bytes() == before, case
         assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientad.pt", "new", "padim.pt", "patchcore.pt"]
+
+
+def test_contract_update_or_calibrate_of_a_file_being_changed_is_refused(fitted, dataset, tmp_path):
+    """Two `fit --update` of one file at once both exited 0 and one update was lost: while
+    one holds the file, a second update or calibrate is refused in one line, and nothing
+    changes. A file renamed over the held one (the first one's result) is free."""
+    model = tmp_path / "m.pt"
+    vad.save(fitted["patchcore"], model)
+    before = model.read_bytes()
+    data = copy_images(vad.read_dataset(dataset).train[:3], tmp_path / "new")
+    holder = os.open(model, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what an update in progress holds
+    try:
+        for args in (["fit", "--update", model, "--data", data], ["calibrate", model, "--good", data]):
+            r = cli(*args, "--device", "cpu", "-q")
+            assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+            assert "being changed by another vad command" in r.stderr and model.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "new"]
+        (tmp_path / "copy.pt").write_bytes(before)
+        os.replace(tmp_path / "copy.pt", model)  # as the holder's save would: a new file at the path
+        r = cli("fit", "--update", model, "--data", data, "--device", "cpu", "-q")
+        assert r.exit_code == 0 and vad.load(model).info["added"] == 3, r.output
+    finally:
+        os.close(holder)
 
 
 @pytest.mark.parametrize("name", list(vad.DETECTORS))

@@ -84,6 +84,7 @@ import contextlib
 import csv
 import dataclasses
 import email.utils
+import fcntl
 import fnmatch
 import functools
 import glob
@@ -4504,6 +4505,40 @@ def atomic_write(path, write, durable=True):
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
+@contextlib.contextmanager
+def model_lock(path):
+    """Hold an exclusive lock on a model file while a command reads, changes and writes
+    it back (fit --update, calibrate): a second such command on the file is refused with
+    one line, where both would succeed and the first one's change be lost (issue 24).
+    The lock is flock(2) on the file itself, opened read-only: the kernel drops it when
+    the process ends however it ends, so no stale lock file is ever left behind."""
+    for _ in range(8):  # a writer may rename a new file over the one just opened: lock that one
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # missing or unreadable: load() says so
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            now, held = os.stat(path), os.fstat(fd)
+        except BlockingIOError:
+            os.close(fd)
+            raise VadError(f"{path} is being changed by another vad command (fit --update or calibrate); "
+                           f"run this one when it has finished") from None
+        except OSError:  # gone since it was opened: load() says so
+            os.close(fd)
+            yield
+            return
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            try:
+                yield
+            finally:
+                os.close(fd)
+            return
+        os.close(fd)
+    raise VadError(f"{path} keeps being replaced while vad tries to lock it; try again")
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -4638,6 +4673,7 @@ def fit_command(model, data, out, force, update_file, quiet, **options):
             raise CliError("--update needs --data, the new normal images")
         out = out or update_file
         check_model_out(out, data, force)
+        run_api(ctx.with_resource, model_lock(update_file))  # until the command ends
         detector = run_api(load, update_file, options["device"])
         run_api(update, detector, data, options["batch_size"])
         run_api(save, detector, out)
@@ -4892,6 +4928,7 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
     out = out or model_file
     if out != model_file:
         check_model_out(out, None, force=False)
+    run_api(click.get_current_context().with_resource, model_lock(model_file))  # until the command ends
     detector = run_api(load, model_file, device, precision)
 
     def scores(items, what):
