@@ -2639,6 +2639,79 @@ def test_contract_serve_client_that_closes_early_leaves_no_traceback(fitted, dat
     assert "Traceback" not in capsys.readouterr().err
 
 
+def png_bytes(width, height):
+    """A flat grey PNG: a few kilobytes to send, width x height pixels to decode and draw."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 120, 120)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def post_score(url, image, query=""):
+    """A socket that has sent a whole POST /score of `image` (Connection: close)."""
+    s = connect(url)
+    s.sendall(b"POST /score%s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+              % (query.encode(), len(image)) + image)
+    return s
+
+
+def wait_for(condition, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_contract_serve_drops_work_whose_client_has_gone(fitted, dataset, monkeypatch):
+    """64 overlay uploads of a 25 Mpx PNG, sent and reset, kept both workers busy for 91 s
+    and a real /score waited as long: work whose client has gone is dropped before it is
+    decoded, also by a worker that was waiting for the model when the client went."""
+    big, small = png_bytes(1000, 1000), vad.read_dataset(dataset).test[0].read_bytes()
+    scored = []
+    score_files = vad.score_files
+    monkeypatch.setattr(vad, "score_files", lambda *a, **k: scored.append(1) or score_files(*a, **k))
+    with serving({"m": fitted["padim"]}) as (srv, url):
+        start = time.monotonic()
+        assert srv.inspect("m", big, with_overlay=True)["verdict"]  # what one abandoned upload costs
+        cost = time.monotonic() - start
+        scored.clear()
+        with srv.lock:  # the model is busy: 2 uploads wait for it on a worker, 6 in the queue
+            abandoned = [post_score(url, big, "?overlay=1") for _ in range(8)]
+            wait_for(lambda: srv.pending == 8)
+            for s in abandoned:  # reset, as a client that gives up
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+        start = time.monotonic()
+        status, answer = http(url + "/score?overlay=1", small)
+        took = time.monotonic() - start
+        assert status == 200 and answer["verdict"] in ("ok", "anomalous")
+        wait_for(lambda: srv.pending == 0)
+    assert len(scored) == 1  # the real one only
+    assert took < 2 * cost, (took, cost)  # the 8 abandoned would cost 8 * cost
+
+
+def test_contract_serve_bounds_the_queue_by_pixels(fitted, dataset):
+    """Beside the count of queued requests, their pixels (read from each upload's header
+    before it queues) are bounded: a large image over the bound gets 503 while a small
+    one still fits; an idle server takes any image vad reads, whatever the bound."""
+    big, small = png_bytes(200, 200), vad.read_dataset(dataset).test[0].read_bytes()  # 40,000 and 4,096 px
+    with serving({"m": fitted["padim"]}, max_queued_pixels=90_000) as (srv, url):
+        with srv.lock:
+            queued = [post_score(url, big) for _ in range(2)]
+            wait_for(lambda: srv.pending == 2)
+            with post_score(url, big) as s:  # 120,000 px: refused at once, keeping no worker
+                s.settimeout(5)
+                status, headers, answer = parse_answer(read_until_closed(s))
+            assert status == 503 and "90,000 pixels" in answer["error"] and headers["retry-after"] == "1"
+            queued.append(post_score(url, small))  # 84,096 px: queued
+            wait_for(lambda: srv.pending == 3 and srv.queued_pixels == 84_096)
+        for s in queued:
+            with s:
+                assert parse_answer(read_until_closed(s))[0] == 200
+        wait_for(lambda: srv.queued_pixels == 0)
+    with serving({"m": fitted["padim"]}, max_queued_pixels=1_000) as (srv, url):
+        assert http(url + "/score", big)[0] == 200
+
+
 def test_contract_serve_sends_security_headers_and_refuses_other_hosts(server, fitted, model_file, monkeypatch):
     status, headers, page = raw(server, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     policy = dict(d.strip().split(" ", 1) for d in headers["content-security-policy"].split(";"))

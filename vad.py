@@ -3579,6 +3579,12 @@ MAX_PARTS = 100  # multipart form parts looked through for the image
 MAX_PART_HEADER_BYTES = 8 * 2**10
 SERVE_WORKERS = 2  # requests decoded, scored and drawn at once; inference itself is one at a time
 MAX_WAITING = 64  # complete requests queued for a worker; more get 503
+# The pixels of the uploads with a worker or queued for one, read from their headers
+# before they queue: what a queue costs is decoding (and drawing), which grows with the
+# pixels, and 64 requests of 25 Mpx each kept two workers busy for 91 s (issue 24). Two
+# of the largest images vad reads, or 8 of 25 Mpx: seconds of work, not minutes. More
+# get 503, except on an idle server, which takes any image vad can read.
+MAX_QUEUED_PIXELS = 2 * MAX_PIXELS
 BODY_BUDGET_BYTES = 256 * 2**20  # bodies held at once, arriving or queued (at least one --max-bytes body); more get 503
 LOG_SECONDS = 10.0  # dropped connections are logged as one summary line per interval
 PAGE = """<!doctype html>
@@ -3671,6 +3677,37 @@ def describe(name, detector):
     return {"name": name, "detector": detector.name, "backbone": getattr(detector.config, "backbone", "-"),
             "image_size": "x".join(map(str, f.size)) if f.size else "native", "resize": f.resize, "tile": f.tile,
             "threshold": float(detector.threshold), "pixel_threshold": float(detector.pixel_threshold)}
+
+
+class ClientGone(Exception):
+    """The client of a queued or running /score request has closed or reset its
+    connection: the work it asked for is dropped, as nobody would read the answer."""
+
+
+def client_gone(sock):
+    """Whether a connection's client has gone (closed its side, or reset it), seen
+    without taking a byte: an EOF or an error on a peek. A client that shuts down its
+    sending side and still waits for the answer reads as gone, as nginx treats one (its 499)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):  # nothing to read: still there
+        return False
+    except OSError:  # reset, or closed by the server itself
+        return True
+
+
+def upload_pixels(data):
+    """The pixels an uploaded image decodes to, from its header alone (Pillow decodes no
+    pixel on open): 0 for bytes that are no image and for an image over MAX_PIXELS,
+    which are refused before any decoding."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                w, h = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return 0
+    return w * h if w * h <= MAX_PIXELS else 0
 
 
 class HttpError(Exception):
@@ -3868,12 +3905,12 @@ class Connection:
     drain: bytes of an answered request's body still to be read and dropped, so the
     client, which sends its whole body before it reads, gets to read the answer."""
     __slots__ = ("sock", "address", "state", "deadline", "inbuf", "scanned", "fresh", "served", "request",
-                 "line", "length", "reserved", "out", "sent", "closing", "drain", "events", "open")
+                 "line", "length", "reserved", "pixels", "out", "sent", "closing", "drain", "events", "open")
 
     def __init__(self, sock, address, deadline):
         self.sock, self.address, self.state, self.deadline = sock, address, "head", deadline
         self.inbuf, self.scanned, self.fresh, self.served = bytearray(), 0, True, 0
-        self.request, self.line, self.length, self.reserved = None, "-", 0, 0
+        self.request, self.line, self.length, self.reserved, self.pixels = None, "-", 0, 0, 0
         self.out, self.sent, self.closing, self.drain, self.events, self.open = b"", 0, False, 0, 0, True
 
 
@@ -3884,7 +3921,8 @@ class InspectionServer:
     socketserver; the deadlines are attributes that tests may shorten."""
 
     def __init__(self, models, address=("127.0.0.1", 8000), max_bytes=MAX_UPLOAD_BYTES, quiet=False,
-                 batch_size=BATCH_SIZE, allow_hosts=(), workers=SERVE_WORKERS, max_connections=MAX_CONNECTIONS):
+                 batch_size=BATCH_SIZE, allow_hosts=(), workers=SERVE_WORKERS, max_connections=MAX_CONNECTIONS,
+                 max_queued_pixels=MAX_QUEUED_PIXELS):
         self.models, self.max_bytes, self.quiet, self.batch_size = dict(models), max_bytes, quiet, batch_size
         self.lock = threading.Lock()
         self.header_seconds, self.body_seconds = HEADER_SECONDS, BODY_SECONDS
@@ -3899,6 +3937,7 @@ class InspectionServer:
         self.max_connections = max(1, min(max_connections, files - 64))  # leave files for models, logs, pipes
         self.max_pending = workers + MAX_WAITING
         self.body_budget = max(BODY_BUDGET_BYTES, max_bytes)
+        self.max_queued_pixels = max_queued_pixels
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vad-serve")
         self.selector = selectors.DefaultSelector()
         self.wake_in, self.wake_out = socket.socketpair()
@@ -3907,6 +3946,7 @@ class InspectionServer:
         self.connections = {}  # Connection -> None: an ordered set, oldest first
         self.finished = collections.deque()  # (Connection, status, body) from the workers
         self.pending = self.reserved = 0  # requests with a worker or queued; their declared body bytes
+        self.queued_pixels = 0  # the pixels of the pending requests' images (upload_pixels)
         self.dropped = collections.Counter()  # why -> connections dropped since the last summary line
         self.last_summary = time.monotonic()
         self.stopping, self.stopped = False, threading.Event()
@@ -3914,11 +3954,15 @@ class InspectionServer:
 
     # -- the model work, on a worker --------------------------------------------------
 
-    def inspect(self, name, data, with_overlay=False):
+    def inspect(self, name, data, with_overlay=False, gone=lambda: False):
         """Score image bytes with model `name` -> the JSON-ready result. The overlay is
-        drawn at most MAX_OVERLAY_SIDE on its long side, its map computed at that size."""
+        drawn at most MAX_OVERLAY_SIDE on its long side, its map computed at that size.
+        gone() is asked before each costly stage (decoding and scoring, drawing): when
+        it says the client has left, ClientGone is raised and the rest is not done."""
         detector = self.models[name]
-        with self.lock:
+        with self.lock:  # the wait for it can be long: ask after it
+            if gone():
+                raise ClientGone
             r = next(score_files(detector, [data], self.batch_size, desc=None))
         if r.error:
             raise VadError(r.error)
@@ -3932,22 +3976,25 @@ class InspectionServer:
         result = {"model": name, "score": r.score, "threshold": r.threshold, "verdict": r.verdict,
                   "pixel_threshold": pixel_threshold, "regions": regions, "region_count": count}
         if with_overlay:
+            if gone():  # drawing decodes the image again
+                raise ClientGone
             png = heatmap_png(detector, data, anomaly_map)
             result["overlay"] = "data:image/png;base64," + base64.b64encode(png).decode()
         return result
 
-    def _work(self, request, name):
-        """A complete /score request -> (status, JSON body). Never raises: a bug answers
-        500 and leaves one line in the log."""
+    def _work(self, conn, name, data):
+        """A queued /score request and its image bytes -> (status, JSON body), or
+        (None, b"") when its client has gone. Never raises: a bug answers 500 and
+        leaves one line in the log."""
+        request = conn.request
         try:
-            body = request.body
-            content_type = request.header("content-type")
-            if content_type.lower().startswith("multipart/form-data"):
-                body = multipart_file(body, content_type)
-                if body is None:
-                    raise HttpError(400, "no file in the multipart form")
+            gone = functools.partial(client_gone, conn.sock)
+            if gone():  # it waited in the queue: is anyone still there?
+                raise ClientGone
             with_overlay = request.query.get("overlay", ["0"])[0].lower() in ("1", "true", "yes")
-            return 200, _json(self.inspect(name, body, with_overlay))
+            return 200, _json(self.inspect(name, data, with_overlay, gone))
+        except ClientGone:
+            return None, b""
         except HttpError as e:
             return e.status, _json({"error": e.message})
         except VadError as e:
@@ -4248,11 +4295,29 @@ class InspectionServer:
         self._refuse(conn, HttpError(status, message))
 
     def _submit(self, conn):
-        conn.state, conn.deadline = "busy", math.inf
+        """Queue a /score request whose body has arrived, or refuse it: a malformed
+        form, or (503) its image's pixels over what the queue may hold."""
+        request = conn.request
+        try:
+            name, data = self._model_name(request), request.body
+            content_type = request.header("content-type")
+            if content_type.lower().startswith("multipart/form-data"):
+                data = multipart_file(data, content_type)
+                if data is None:
+                    raise HttpError(400, "no file in the multipart form")
+            request.body, pixels = b"", upload_pixels(data)  # the worker gets data alone
+            if self.pending and self.queued_pixels + pixels > self.max_queued_pixels:
+                raise HttpError(503, f"busy: the images queued are over {self.max_queued_pixels:,} pixels; "
+                                     f"try again in a moment", {"Retry-After": "1"})
+        except HttpError as e:
+            self._release(conn)
+            request.body = b""
+            return self._answer(conn, e.status, _json({"error": e.message}), headers=e.headers, close=e.close)
+        conn.state, conn.deadline, conn.pixels = "busy", math.inf, pixels
         self._watch(conn, 0)  # until answered: pipelined bytes wait in the socket
         self.pending += 1
-        name = self._model_name(conn.request)
-        future = self.pool.submit(self._work, conn.request, name)
+        self.queued_pixels += pixels
+        future = self.pool.submit(self._work, conn, name, data)
         future.add_done_callback(functools.partial(self._finish, conn))
 
     def _finish(self, conn, future):
@@ -4271,8 +4336,13 @@ class InspectionServer:
         while self.finished:
             conn, status, body = self.finished.popleft()
             self.pending -= 1
+            self.queued_pixels -= conn.pixels
+            conn.pixels = 0
             self._release(conn)
-            if conn.open:
+            if status is None:  # its client has gone: the work was dropped
+                self.dropped["closed by the client before the answer"] += 1
+                self._close(conn)
+            elif conn.open:
                 with self._guard(conn):
                     conn.request.body = b""
                     self._answer(conn, status, body)
