@@ -2663,8 +2663,8 @@ def wait_for(condition, seconds=10):
 
 def test_contract_serve_drops_work_whose_client_has_gone(fitted, dataset, monkeypatch):
     """64 overlay uploads of a 25 Mpx PNG, sent and reset, kept both workers busy for 91 s
-    and a real /score waited as long: work whose client has gone is dropped before it is
-    decoded, also by a worker that was waiting for the model when the client went."""
+    and a real /score waited as long: a request whose client has gone leaves the queue at
+    once, and a worker that has one drops it before decoding, after its wait for the model."""
     big, small = png_bytes(1000, 1000), vad.read_dataset(dataset).test[0].read_bytes()
     scored = []
     score_files = vad.score_files
@@ -2680,6 +2680,9 @@ def test_contract_serve_drops_work_whose_client_has_gone(fitted, dataset, monkey
             for s in abandoned:  # reset, as a client that gives up
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 s.close()
+            # the 6 waiting leave the queue at once, their places and pixels free; the 2
+            # that a worker holds leave when it has the model (before decoding)
+            wait_for(lambda: srv.pending == 2 and srv.queued_pixels == 2 * 1000 * 1000)
         start = time.monotonic()
         status, answer = http(url + "/score?overlay=1", small)
         took = time.monotonic() - start

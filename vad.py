@@ -3905,12 +3905,12 @@ class Connection:
     drain: bytes of an answered request's body still to be read and dropped, so the
     client, which sends its whole body before it reads, gets to read the answer."""
     __slots__ = ("sock", "address", "state", "deadline", "inbuf", "scanned", "fresh", "served", "request",
-                 "line", "length", "reserved", "pixels", "out", "sent", "closing", "drain", "events", "open")
+                 "line", "length", "reserved", "pixels", "work", "out", "sent", "closing", "drain", "events", "open")
 
     def __init__(self, sock, address, deadline):
         self.sock, self.address, self.state, self.deadline = sock, address, "head", deadline
         self.inbuf, self.scanned, self.fresh, self.served = bytearray(), 0, True, 0
-        self.request, self.line, self.length, self.reserved, self.pixels = None, "-", 0, 0, 0
+        self.request, self.line, self.length, self.reserved, self.pixels, self.work = None, "-", 0, 0, 0, None
         self.out, self.sent, self.closing, self.drain, self.events, self.open = b"", 0, False, 0, 0, True
 
 
@@ -3947,6 +3947,9 @@ class InspectionServer:
         self.finished = collections.deque()  # (Connection, status, body) from the workers
         self.pending = self.reserved = 0  # requests with a worker or queued; their declared body bytes
         self.queued_pixels = 0  # the pixels of the pending requests' images (upload_pixels)
+        # Requests wait here, not in the pool's own queue, so that one whose client goes
+        # is taken out at once, its bytes and its place freed (_check_gone).
+        self.waiting, self.running, self.workers = collections.deque(), 0, workers
         self.dropped = collections.Counter()  # why -> connections dropped since the last summary line
         self.last_summary = time.monotonic()
         self.stopping, self.stopped = False, threading.Event()
@@ -4154,6 +4157,8 @@ class InspectionServer:
                     self._advance(conn)
 
     def _read(self, conn):
+        if conn.state == "busy":
+            return self._check_gone(conn)
         try:
             data = conn.sock.recv(2**18)
         except BlockingIOError:
@@ -4313,12 +4318,40 @@ class InspectionServer:
             self._release(conn)
             request.body = b""
             return self._answer(conn, e.status, _json({"error": e.message}), headers=e.headers, close=e.close)
-        conn.state, conn.deadline, conn.pixels = "busy", math.inf, pixels
-        self._watch(conn, 0)  # until answered: pipelined bytes wait in the socket
+        conn.state, conn.deadline, conn.pixels, conn.work = "busy", math.inf, pixels, (name, data)
         self.pending += 1
         self.queued_pixels += pixels
-        future = self.pool.submit(self._work, conn, name, data)
-        future.add_done_callback(functools.partial(self._finish, conn))
+        self.waiting.append(conn)  # still watched: an EOF or reset takes it out (_check_gone)
+        self._dispatch()
+
+    def _dispatch(self):
+        """Hand the oldest waiting requests to the workers that are free."""
+        while self.waiting and self.running < self.workers:
+            conn = self.waiting.popleft()
+            (name, data), conn.work = conn.work, None
+            self.running += 1
+            future = self.pool.submit(self._work, conn, name, data)
+            future.add_done_callback(functools.partial(self._finish, conn))
+
+    def _unqueue(self, conn):
+        """Take a request that is answered, or whose client has gone, out of the counts."""
+        self.pending -= 1
+        self.queued_pixels -= conn.pixels
+        conn.pixels = 0
+        self._release(conn)
+
+    def _check_gone(self, conn):
+        """A request's connection has something to read while it waits or runs: its
+        client has gone (EOF, reset), and it is dropped, or the next pipelined request
+        has come, which waits in the socket until this one is answered."""
+        if not client_gone(conn.sock):
+            return self._watch(conn, 0)
+        self.dropped["closed by the client before the answer"] += 1
+        if conn in self.waiting:  # else a worker has it, and stops at its next check
+            self.waiting.remove(conn)
+            conn.work = None
+            self._unqueue(conn)
+        self._close(conn)
 
     def _finish(self, conn, future):
         """On the worker: hand its answer to the I/O thread, which alone touches sockets."""
@@ -4335,11 +4368,9 @@ class InspectionServer:
             pass
         while self.finished:
             conn, status, body = self.finished.popleft()
-            self.pending -= 1
-            self.queued_pixels -= conn.pixels
-            conn.pixels = 0
-            self._release(conn)
-            if status is None:  # its client has gone: the work was dropped
+            self.running -= 1
+            self._unqueue(conn)
+            if status is None and conn.open:  # its client has gone: the worker dropped the work
                 self.dropped["closed by the client before the answer"] += 1
                 self._close(conn)
             elif conn.open:
@@ -4348,6 +4379,7 @@ class InspectionServer:
                     self._answer(conn, status, body)
                     if conn.open and conn.state == "head":
                         self._advance(conn)
+        self._dispatch()
 
     def _headers(self, status, length, content_type, headers, close, version="HTTP/1.1"):
         lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", f"Server: vad/{__version__}",
