@@ -3562,9 +3562,11 @@ def defect_regions(anomaly_map, pixel_threshold, scale=(1.0, 1.0), limit=MAX_REG
 # slow or silent client costs a socket and a few kilobytes, never a thread. It answers
 # the page, /health, /models and every error itself, and hands each complete /score
 # request to a small pool of workers: decoding, scoring and drawing then run at most
-# SERVE_WORKERS at a time, which is what bounds the server's memory. Every stage of a
-# request has a total deadline, so a client that sends a byte every few seconds is cut
-# off as surely as a silent one.
+# SERVE_WORKERS at a time, which is what bounds the server's memory. Requests wait for a
+# worker in the I/O thread's own queue, bounded by count, bytes and pixels, and leave it
+# as soon as their client goes (issue 24: abandoned uploads kept the workers busy for
+# minutes). Every stage of a request has a total deadline, so a client that sends a
+# byte every few seconds is cut off as surely as a silent one.
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # per request; larger bodies get 413
 HEADER_SECONDS = 10.0  # for a request line and headers, from their first byte (a new connection: from the connect)
