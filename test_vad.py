@@ -12,6 +12,7 @@ checked against independent references (scipy, naive loops, hand-computed cases)
 import base64
 import concurrent.futures
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -475,13 +476,61 @@ def test_padim_update_is_the_fit_on_the_union(dataset, n_old, n_new, covariance)
         np.testing.assert_allclose((L[p] @ L[p].T).numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_padim_update_needs_the_statistics_kept_at_fit(dataset):
+def numpy_padim(x, covariance, eps=0.01):
+    """PaDiM's mean and regularized covariance of features x (N, d) written out in
+    numpy: eq. 1's unbiased covariance, or Chen et al.'s OAS (eq. 23) of the ML one."""
+    N, d = x.shape
+    if covariance == "sample":
+        return x.mean(0), np.cov(x, rowvar=False) + eps * np.eye(d)
+    S = np.cov(x, rowvar=False, bias=True)
+    tr, tr2 = np.trace(S), np.trace(S @ S)
+    r = min(1.0, ((1 - 2 / d) * tr2 + tr ** 2) / ((N + 1 - 2 / d) * (tr2 - tr ** 2 / d)))
+    return x.mean(0), (1 - r) * S + (r * tr / d + eps) * np.eye(d)
+
+
+@pytest.mark.parametrize("n_old, n_new, covariance", [(3, 4, "oas"), (12, 8, "sample")])
+def test_padim_update_without_kept_statistics_is_the_fit_on_the_union_to_fp32_rounding(dataset, n_old, n_new,
+                                                                                       covariance):
+    """A PaDiM fitted without updatable gives its sums back from its mean and Cholesky
+    factors (and, with OAS, by undoing the shrinkage): update(fit(A), B) is numpy's
+    statistics of A + B, and the fit on A + B to fp32 rounding."""
+    paths = vad.read_dataset(dataset).train[: n_old + n_new]
+    cfg = vad.PaDiMConfig(backbone="resnet18", d=12, covariance=covariance)
+    union = seeded(vad.PaDiM, cfg, 32)
+    union.fit(vad.load_images(paths, 32, batch_size=20))
+    updated = seeded(vad.PaDiM, cfg, 32)
+    updated.fit(vad.load_images(paths[:n_old], 32, batch_size=20))
+    assert updated.stat_products.numel() == 0  # not kept: the file stays as small as before
+    updated.info = {"images": n_old}  # as fit() records it
+    assert vad.update_support(updated) == "to fp32 rounding"
+    updated.update(vad.load_images(paths[n_old:], 32, batch_size=20))
+    C, C_union = (m.cholesky.double() @ m.cholesky.double().transpose(1, 2) for m in (updated, union))
+    scale = C_union.abs().amax((1, 2), keepdim=True)
+    assert ((C - C_union).abs() / scale).max() < 2e-6  # measured: 4e-7 (fp32 rounding is 6e-8)
+    torch.testing.assert_close(updated.mean, union.mean, rtol=1e-6, atol=1e-6 * float(union.mean.abs().max()))
+    x = updated.embed(torch.stack([vad.read_image(p, 32) for p in paths])).double().flatten(2).numpy()  # (N, d, P)
+    for p in (0, 27, x.shape[2] - 1):
+        mean, cov = numpy_padim(x[:, :, p], covariance)
+        np.testing.assert_allclose(updated.mean[p].numpy(), mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(C[p].numpy(), cov, rtol=1e-4, atol=1e-4)
+
+
+def test_padim_update_refuses_statistics_it_cannot_recover(dataset):
     paths = vad.read_dataset(dataset).train[:4]
-    det = seeded(vad.PaDiM, vad.PaDiMConfig(backbone="resnet18", d=12), 32)
+    det = seeded(vad.PaDiM, vad.PaDiMConfig(backbone="resnet18", d=12, covariance="oas"), 32)
     det.fit(vad.load_images(paths, 32))
-    assert det.stat_products.numel() == 0  # not kept: the file stays as small as before
-    with pytest.raises(vad.VadError, match="updatable=true"):
+    with pytest.raises(vad.VadError, match="how many images"):  # no info: no count
         det.update(vad.load_images(paths, 32))
+    det.info = {"images": 4}
+    before = det.cholesky.clone()
+    det.cholesky[5] = torch.eye(12) * 0.7  # shrunk all the way to a scaled identity: nothing left of S
+    with pytest.raises(vad.VadError, match=r"OAS shrinkage is nearly total .* at 1 of 64 positions"):
+        det.update(vad.load_images(paths, 32))
+    assert vad.update_support(det) == "no"
+    det.cholesky = before
+    assert vad.update_support(det) == "to fp32 rounding"
+    det.config.updatable = True
+    assert vad.update_support(det) == "exact"
 
 # -----------------------------------------------------------------------------
 # PatchCore's memory bank: greedy coreset and exact nearest-neighbour search
@@ -1623,7 +1672,8 @@ def copy_images(paths, folder):
 def test_cli_fit_update_adds_images_to_padim_and_patchcore(dataset, tmp_path):
     train = vad.read_dataset(dataset).train
     old, new = copy_images(train[:8], tmp_path / "old"), copy_images(train[8:14], tmp_path / "new")
-    for model, settings in (("padim", ["-s", "d=20", "-s", "updatable=true"]), ("patchcore", [])):
+    for model, settings in (("padim", ["-s", "d=20", "-s", "updatable=true"]), ("padim", ["-s", "d=20"]),
+                            ("patchcore", [])):
         m = tmp_path / f"{model}.pt"
         assert cli("fit", "--model", model, "--data", old, "--out", m, *TINY, *settings).exit_code == 0
         original = m.read_bytes()
@@ -1948,7 +1998,6 @@ def test_contract_failed_or_refused_update_keeps_the_old_file(fitted, dataset, t
         vad.save(fitted[name], tmp_path / f"{name}.pt")
     cases = {  # model, extra options, expected in the one error line
         "a trained detector": ("efficientad", [], "efficientad models cannot be updated"),
-        "PaDiM without its statistics": ("padim", [], "-s updatable=true"),
         "another image size": ("patchcore", ["--image-size", 32], "drop --image-size"),
         "a setting": ("patchcore", ["-s", "coreset_ratio=0.5"], "drop -s"),
         "no --data": ("patchcore", [None], "needs --data"),
@@ -1964,6 +2013,30 @@ def test_contract_failed_or_refused_update_keeps_the_old_file(fitted, dataset, t
         assert r.exit_code == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (case, r.output)
         assert model.read_bytes() == before, case
         assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientad.pt", "new", "padim.pt", "patchcore.pt"]
+
+
+def test_contract_update_or_calibrate_of_a_file_being_changed_is_refused(fitted, dataset, tmp_path):
+    """Two `fit --update` of one file at once both exited 0 and one update was lost: while
+    one holds the file, a second update or calibrate is refused in one line, and nothing
+    changes. A file renamed over the held one (the first one's result) is free."""
+    model = tmp_path / "m.pt"
+    vad.save(fitted["patchcore"], model)
+    before = model.read_bytes()
+    data = copy_images(vad.read_dataset(dataset).train[:3], tmp_path / "new")
+    holder = os.open(model, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what an update in progress holds
+    try:
+        for args in (["fit", "--update", model, "--data", data], ["calibrate", model, "--good", data]):
+            r = cli(*args, "--device", "cpu", "-q")
+            assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+            assert "being changed by another vad command" in r.stderr and model.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "new"]
+        (tmp_path / "copy.pt").write_bytes(before)
+        os.replace(tmp_path / "copy.pt", model)  # as the holder's save would: a new file at the path
+        r = cli("fit", "--update", model, "--data", data, "--device", "cpu", "-q")
+        assert r.exit_code == 0 and vad.load(model).info["added"] == 3, r.output
+    finally:
+        os.close(holder)
 
 
 @pytest.mark.parametrize("name", list(vad.DETECTORS))
@@ -2813,6 +2886,82 @@ def test_contract_serve_client_that_closes_early_leaves_no_traceback(fitted, dat
         assert http(url + "/score", image)[0] == 200
         time.sleep(0.2)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def png_bytes(width, height):
+    """A flat grey PNG: a few kilobytes to send, width x height pixels to decode and draw."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 120, 120)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def post_score(url, image, query=""):
+    """A socket that has sent a whole POST /score of `image` (Connection: close)."""
+    s = connect(url)
+    s.sendall(b"POST /score%s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+              % (query.encode(), len(image)) + image)
+    return s
+
+
+def wait_for(condition, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_contract_serve_drops_work_whose_client_has_gone(fitted, dataset, monkeypatch):
+    """64 overlay uploads of a 25 Mpx PNG, sent and reset, kept both workers busy for 91 s
+    and a real /score waited as long: a request whose client has gone leaves the queue at
+    once, and a worker that has one drops it before decoding, after its wait for the model."""
+    big, small = png_bytes(1000, 1000), vad.read_dataset(dataset).test[0].read_bytes()
+    scored = []
+    score_files = vad.score_files
+    monkeypatch.setattr(vad, "score_files", lambda *a, **k: scored.append(1) or score_files(*a, **k))
+    with serving({"m": fitted["padim"]}) as (srv, url):
+        start = time.monotonic()
+        assert srv.inspect("m", big, with_overlay=True)["verdict"]  # what one abandoned upload costs
+        cost = time.monotonic() - start
+        scored.clear()
+        with srv.lock:  # the model is busy: 2 uploads wait for it on a worker, 6 in the queue
+            abandoned = [post_score(url, big, "?overlay=1") for _ in range(8)]
+            wait_for(lambda: srv.pending == 8)
+            for s in abandoned:  # reset, as a client that gives up
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+            # the 6 waiting leave the queue at once, their places and pixels free; the 2
+            # that a worker holds leave when it has the model (before decoding)
+            wait_for(lambda: srv.pending == 2 and srv.queued_pixels == 2 * 1000 * 1000)
+        start = time.monotonic()
+        status, answer = http(url + "/score?overlay=1", small)
+        took = time.monotonic() - start
+        assert status == 200 and answer["verdict"] in ("ok", "anomalous")
+        wait_for(lambda: srv.pending == 0)
+    assert len(scored) == 1  # the real one only
+    assert took < 2 * cost, (took, cost)  # the 8 abandoned would cost 8 * cost
+
+
+def test_contract_serve_bounds_the_queue_by_pixels(fitted, dataset):
+    """Beside the count of queued requests, their pixels (read from each upload's header
+    before it queues) are bounded: a large image over the bound gets 503 while a small
+    one still fits; an idle server takes any image vad reads, whatever the bound."""
+    big, small = png_bytes(200, 200), vad.read_dataset(dataset).test[0].read_bytes()  # 40,000 and 4,096 px
+    with serving({"m": fitted["padim"]}, max_queued_pixels=90_000) as (srv, url):
+        with srv.lock:
+            queued = [post_score(url, big) for _ in range(2)]
+            wait_for(lambda: srv.pending == 2)
+            with post_score(url, big) as s:  # 120,000 px: refused at once, keeping no worker
+                s.settimeout(5)
+                status, headers, answer = parse_answer(read_until_closed(s))
+            assert status == 503 and "90,000 pixels" in answer["error"] and headers["retry-after"] == "1"
+            queued.append(post_score(url, small))  # 84,096 px: queued
+            wait_for(lambda: srv.pending == 3 and srv.queued_pixels == 84_096)
+        for s in queued:
+            with s:
+                assert parse_answer(read_until_closed(s))[0] == 200
+        wait_for(lambda: srv.queued_pixels == 0)
+    with serving({"m": fitted["padim"]}, max_queued_pixels=1_000) as (srv, url):
+        assert http(url + "/score", big)[0] == 200
 
 
 def test_contract_serve_sends_security_headers_and_refuses_other_hosts(server, fitted, model_file, monkeypatch):

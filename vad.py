@@ -84,6 +84,7 @@ import contextlib
 import csv
 import dataclasses
 import email.utils
+import fcntl
 import fnmatch
 import functools
 import glob
@@ -901,6 +902,12 @@ def mahalanobis(x, mean, cholesky):
     return z.square().sum(1).sqrt()
 
 
+# The least 1 - rho (OAS shrinkage) at which a PaDiM fitted without updatable gives its
+# statistics back: they come back divided by it, so the fp32 rounding of the Cholesky
+# factors (~1e-7) grows at most 1000-fold, to ~1e-4 of the covariance.
+OAS_RECOVERABLE = 1e-3
+
+
 @dataclass
 class PaDiMConfig:
     backbone: str = "wide_resnet50_2"
@@ -913,8 +920,9 @@ class PaDiMConfig:
     eps: float = 0.01  # covariance regularizer eps*I, the PaDiM reference code's value
     covariance: str = "sample"  # sample (eq. 1 of the paper) or oas: shrunk toward a scaled identity (oas_shrink)
     blur_sigma: float = BLUR_SIGMA
-    # Keep fit's fp64 sums in the model, so that `fit --update` can add images exactly.
-    # Off by default: they are P x d(d+1)/2 fp64, as large as the Cholesky factors again.
+    # Keep fit's fp64 sums in the model, so that `fit --update` adds images bit for bit
+    # (without them, it recovers the sums from the mean and Cholesky factors, to fp32
+    # rounding). Off by default: they are P x d(d+1)/2 fp64, as large as the factors again.
     updatable: bool = False
 
     def __post_init__(self):
@@ -988,16 +996,56 @@ class PaDiM(Detector):
     def update(self, batches, seed=0):
         # Chan et al.'s parallel merge of (n, mean, scatter) would do, but fit's own sums
         # around its own shift simply go on: the result is the fit on all the images,
-        # bit for bit when the batches split the same way.
+        # bit for bit when the batches split the same way. Without them, the sums that the
+        # mean and Cholesky factors imply go on instead (recovered_statistics).
         if not self.config.updatable:
-            raise VadError("this PaDiM model does not hold its fitted statistics, so images cannot be added to it "
-                           "exactly; fit it again with -s updatable=true")
+            self.estimate(*self.accumulate(batches, *self.recovered_statistics()))
+            return
         P, d = self.mean.shape
         i, j = torch.tril_indices(d, d, device=self.device)
         s2 = self.stat_products.new_empty(P, d, d)
         s2[:, i, j] = s2[:, j, i] = self.stat_products
         self.estimate(*self.accumulate(batches, int(self.stat_count), self.stat_shift[..., None],
                                        self.stat_sum[..., None].clone(), s2))
+
+    def recovered_statistics(self):
+        """The sums of accumulate (n, shift, s1, s2) that a model fitted without
+        updatable implies, to the fp32 rounding of its mean and Cholesky factors: n is
+        info["images"], the shift its mean (so s1 = 0), s2 the scatter that estimate
+        turned into L L^T. Raises VadError when they cannot be recovered."""
+        n = self.info.get("images")
+        if type(n) is not int or n < 2:
+            raise VadError("this PaDiM model's info does not say how many images it was fitted on, so images "
+                           "cannot be added to it; fit it again")
+        P, d = self.mean.shape
+        cov = self.cholesky.double() @ self.cholesky.double().transpose(1, 2)  # (P, d, d)
+        cov.diagonal(dim1=1, dim2=2).sub_(self.config.eps)
+        if self.config.covariance == "sample":
+            s2 = cov.mul_(n - 1)  # estimate divided by n - 1
+        else:
+            # OAS keeps the trace T and scales the traceless part A = S - T/d I by
+            # r = 1 - rho, so S = T/d I + A_shrunk / r. rho = num/den (oas_shrink) with
+            # tr(S^2) = T^2/d + |A_shrunk|^2 / r^2 is a quadratic in r:
+            # K r^2 + c a r - n a = 0, with a = |A_shrunk|^2, c = n + 1 - 2/d and
+            # K = T^2 (1 + (1 - 2/d)/d); its root in (0, 1], in the form that does not cancel.
+            T = cov.diagonal(dim1=1, dim2=2).sum(-1)  # (P,)
+            A = cov
+            A.diagonal(dim1=1, dim2=2).sub_((T / d)[:, None])
+            a = A.square().sum((1, 2))
+            c, K = n + 1 - 2 / d, T.square() * (1 + (1 - 2 / d) / d)
+            r = 2 * n * a / (c * a + (c * c * a * a + 4 * K * n * a).sqrt())
+            # Where rho was ~1, S was all but replaced by T/d I and 1/r would multiply the
+            # fp32 rounding of L past any use: refuse rather than add images to noise.
+            lost = ~(r > OAS_RECOVERABLE)  # NaN where a = 0: S was replaced by T/d I outright
+            if bool(lost.any()):
+                raise VadError(f"this PaDiM model's OAS shrinkage is nearly total (rho > {1 - OAS_RECOVERABLE}) at "
+                               f"{int(lost.sum())} of {P} positions, so its statistics cannot be "
+                               f"recovered; fit it again with -s updatable=true")
+            s2 = A.div_(r[:, None, None])
+            s2.diagonal(dim1=1, dim2=2).add_((T / d)[:, None])
+            s2.mul_(n)  # estimate divided by n
+        shift = self.mean[..., None].clone()  # (P, d, 1)
+        return n, shift, torch.zeros_like(shift, dtype=torch.float64), s2
 
     def accumulate(self, batches, n=0, shift=None, s1=None, s2=None):
         """Add the batches' features to the fp64 sums s1 (P, d, 1) of x - shift and s2
@@ -2788,6 +2836,28 @@ def update(detector, data, batch_size=BATCH_SIZE):
     return detector
 
 
+def update_support(detector):
+    """How `fit --update` would add images to this model, in a word or three (for `info`
+    and the README): "exact", the fit on all the images (bit for bit when the batches
+    split alike: a PaDiM with updatable=true); "to fp32 rounding" (any other PaDiM, from
+    its mean and Cholesky factors; a PatchCore that keeps every patch, from its centred
+    bank); "union of coresets" (a thinned PatchCore: the new images are thinned on their
+    own, the fit on all only where that fit would have closed a part); or "no"."""
+    if isinstance(detector, PaDiM):
+        if detector.config.updatable:
+            return "exact"
+        if detector.config.covariance == "oas" or type(detector.info.get("images")) is not int:
+            try:  # OAS may have shrunk too far to give them back: try (L L^T over every position)
+                with torch.no_grad():
+                    detector.recovered_statistics()
+            except VadError:
+                return "no"
+        return "to fp32 rounding"
+    if isinstance(detector, PatchCore):
+        return "to fp32 rounding" if detector.config.coreset_ratio == 1 else "union of coresets"
+    return "no"
+
+
 def auroc(scores, labels):
     """Area under the ROC curve, exact and tie-aware: the Mann-Whitney U statistic with
     mid-ranks, i.e. P(score_pos > score_neg) + 0.5 P(tie). NaN if a class is missing."""
@@ -3690,9 +3760,11 @@ def defect_regions(anomaly_map, pixel_threshold, scale=(1.0, 1.0), limit=MAX_REG
 # slow or silent client costs a socket and a few kilobytes, never a thread. It answers
 # the page, /health, /models and every error itself, and hands each complete /score
 # request to a small pool of workers: decoding, scoring and drawing then run at most
-# SERVE_WORKERS at a time, which is what bounds the server's memory. Every stage of a
-# request has a total deadline, so a client that sends a byte every few seconds is cut
-# off as surely as a silent one.
+# SERVE_WORKERS at a time, which is what bounds the server's memory. Requests wait for a
+# worker in the I/O thread's own queue, bounded by count, bytes and pixels, and leave it
+# as soon as their client goes (issue 24: abandoned uploads kept the workers busy for
+# minutes). Every stage of a request has a total deadline, so a client that sends a
+# byte every few seconds is cut off as surely as a silent one.
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # per request; larger bodies get 413
 HEADER_SECONDS = 10.0  # for a request line and headers, from their first byte (a new connection: from the connect)
@@ -3707,6 +3779,12 @@ MAX_PARTS = 100  # multipart form parts looked through for the image
 MAX_PART_HEADER_BYTES = 8 * 2**10
 SERVE_WORKERS = 2  # requests decoded, scored and drawn at once; inference itself is one at a time
 MAX_WAITING = 64  # complete requests queued for a worker; more get 503
+# The pixels of the uploads with a worker or queued for one, read from their headers
+# before they queue: what a queue costs is decoding (and drawing), which grows with the
+# pixels, and 64 requests of 25 Mpx each kept two workers busy for 91 s (issue 24). Two
+# of the largest images vad reads, or 8 of 25 Mpx: seconds of work, not minutes. More
+# get 503, except on an idle server, which takes any image vad can read.
+MAX_QUEUED_PIXELS = 2 * MAX_PIXELS
 BODY_BUDGET_BYTES = 256 * 2**20  # bodies held at once, arriving or queued (at least one --max-bytes body); more get 503
 LOG_SECONDS = 10.0  # dropped connections are logged as one summary line per interval
 PAGE = """<!doctype html>
@@ -3799,6 +3877,37 @@ def describe(name, detector):
     return {"name": name, "detector": detector.name, "backbone": getattr(detector.config, "backbone", "-"),
             "image_size": "x".join(map(str, f.size)) if f.size else "native", "resize": f.resize, "tile": f.tile,
             "threshold": float(detector.threshold), "pixel_threshold": float(detector.pixel_threshold)}
+
+
+class ClientGone(Exception):
+    """The client of a queued or running /score request has closed or reset its
+    connection: the work it asked for is dropped, as nobody would read the answer."""
+
+
+def client_gone(sock):
+    """Whether a connection's client has gone (closed its side, or reset it), seen
+    without taking a byte: an EOF or an error on a peek. A client that shuts down its
+    sending side and still waits for the answer reads as gone, as nginx treats one (its 499)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):  # nothing to read: still there
+        return False
+    except OSError:  # reset, or closed by the server itself
+        return True
+
+
+def upload_pixels(data):
+    """The pixels an uploaded image decodes to, from its header alone (Pillow decodes no
+    pixel on open): 0 for bytes that are no image and for an image over MAX_PIXELS,
+    which are refused before any decoding."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                w, h = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return 0
+    return w * h if w * h <= MAX_PIXELS else 0
 
 
 class HttpError(Exception):
@@ -3997,12 +4106,12 @@ class Connection:
     drain: bytes of an answered request's body still to be read and dropped, so the
     client, which sends its whole body before it reads, gets to read the answer."""
     __slots__ = ("sock", "address", "state", "deadline", "inbuf", "scanned", "fresh", "served", "request",
-                 "line", "length", "reserved", "out", "sent", "closing", "drain", "events", "open")
+                 "line", "length", "reserved", "pixels", "work", "out", "sent", "closing", "drain", "events", "open")
 
     def __init__(self, sock, address, deadline):
         self.sock, self.address, self.state, self.deadline = sock, address, "head", deadline
         self.inbuf, self.scanned, self.fresh, self.served = bytearray(), 0, True, 0
-        self.request, self.line, self.length, self.reserved = None, "-", 0, 0
+        self.request, self.line, self.length, self.reserved, self.pixels, self.work = None, "-", 0, 0, 0, None
         self.out, self.sent, self.closing, self.drain, self.events, self.open = b"", 0, False, 0, 0, True
 
 
@@ -4013,7 +4122,8 @@ class InspectionServer:
     socketserver; the deadlines are attributes that tests may shorten."""
 
     def __init__(self, models, address=("127.0.0.1", 8000), max_bytes=MAX_UPLOAD_BYTES, quiet=False,
-                 batch_size=BATCH_SIZE, allow_hosts=(), workers=SERVE_WORKERS, max_connections=MAX_CONNECTIONS):
+                 batch_size=BATCH_SIZE, allow_hosts=(), workers=SERVE_WORKERS, max_connections=MAX_CONNECTIONS,
+                 max_queued_pixels=MAX_QUEUED_PIXELS):
         self.models, self.max_bytes, self.quiet, self.batch_size = dict(models), max_bytes, quiet, batch_size
         self.lock = threading.Lock()
         self.header_seconds, self.body_seconds = HEADER_SECONDS, BODY_SECONDS
@@ -4028,6 +4138,7 @@ class InspectionServer:
         self.max_connections = max(1, min(max_connections, files - 64))  # leave files for models, logs, pipes
         self.max_pending = workers + MAX_WAITING
         self.body_budget = max(BODY_BUDGET_BYTES, max_bytes)
+        self.max_queued_pixels = max_queued_pixels
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vad-serve")
         self.selector = selectors.DefaultSelector()
         self.wake_in, self.wake_out = socket.socketpair()
@@ -4036,6 +4147,10 @@ class InspectionServer:
         self.connections = {}  # Connection -> None: an ordered set, oldest first
         self.finished = collections.deque()  # (Connection, status, body) from the workers
         self.pending = self.reserved = 0  # requests with a worker or queued; their declared body bytes
+        self.queued_pixels = 0  # the pixels of the pending requests' images (upload_pixels)
+        # Requests wait here, not in the pool's own queue, so that one whose client goes
+        # is taken out at once, its bytes and its place freed (_check_gone).
+        self.waiting, self.running, self.workers = collections.deque(), 0, workers
         self.dropped = collections.Counter()  # why -> connections dropped since the last summary line
         self.last_summary = time.monotonic()
         self.stopping, self.stopped = False, threading.Event()
@@ -4043,11 +4158,15 @@ class InspectionServer:
 
     # -- the model work, on a worker --------------------------------------------------
 
-    def inspect(self, name, data, with_overlay=False):
+    def inspect(self, name, data, with_overlay=False, gone=lambda: False):
         """Score image bytes with model `name` -> the JSON-ready result. The overlay is
-        drawn at most MAX_OVERLAY_SIDE on its long side, its map computed at that size."""
+        drawn at most MAX_OVERLAY_SIDE on its long side, its map computed at that size.
+        gone() is asked before each costly stage (decoding and scoring, drawing): when
+        it says the client has left, ClientGone is raised and the rest is not done."""
         detector = self.models[name]
-        with self.lock:
+        with self.lock:  # the wait for it can be long: ask after it
+            if gone():
+                raise ClientGone
             r = next(score_files(detector, [data], self.batch_size, desc=None))
         if r.error:
             raise VadError(r.error)
@@ -4061,22 +4180,25 @@ class InspectionServer:
         result = {"model": name, "score": r.score, "threshold": r.threshold, "verdict": r.verdict,
                   "pixel_threshold": pixel_threshold, "regions": regions, "region_count": count}
         if with_overlay:
+            if gone():  # drawing decodes the image again
+                raise ClientGone
             png = heatmap_png(detector, data, anomaly_map)
             result["overlay"] = "data:image/png;base64," + base64.b64encode(png).decode()
         return result
 
-    def _work(self, request, name):
-        """A complete /score request -> (status, JSON body). Never raises: a bug answers
-        500 and leaves one line in the log."""
+    def _work(self, conn, name, data):
+        """A queued /score request and its image bytes -> (status, JSON body), or
+        (None, b"") when its client has gone. Never raises: a bug answers 500 and
+        leaves one line in the log."""
+        request = conn.request
         try:
-            body = request.body
-            content_type = request.header("content-type")
-            if content_type.lower().startswith("multipart/form-data"):
-                body = multipart_file(body, content_type)
-                if body is None:
-                    raise HttpError(400, "no file in the multipart form")
+            gone = functools.partial(client_gone, conn.sock)
+            if gone():  # it waited in the queue: is anyone still there?
+                raise ClientGone
             with_overlay = request.query.get("overlay", ["0"])[0].lower() in ("1", "true", "yes")
-            return 200, _json(self.inspect(name, body, with_overlay))
+            return 200, _json(self.inspect(name, data, with_overlay, gone))
+        except ClientGone:
+            return None, b""
         except HttpError as e:
             return e.status, _json({"error": e.message})
         except VadError as e:
@@ -4236,6 +4358,8 @@ class InspectionServer:
                     self._advance(conn)
 
     def _read(self, conn):
+        if conn.state == "busy":
+            return self._check_gone(conn)
         try:
             data = conn.sock.recv(2**18)
         except BlockingIOError:
@@ -4377,12 +4501,58 @@ class InspectionServer:
         self._refuse(conn, HttpError(status, message))
 
     def _submit(self, conn):
-        conn.state, conn.deadline = "busy", math.inf
-        self._watch(conn, 0)  # until answered: pipelined bytes wait in the socket
+        """Queue a /score request whose body has arrived, or refuse it: a malformed
+        form, or (503) its image's pixels over what the queue may hold."""
+        request = conn.request
+        try:
+            name, data = self._model_name(request), request.body
+            content_type = request.header("content-type")
+            if content_type.lower().startswith("multipart/form-data"):
+                data = multipart_file(data, content_type)
+                if data is None:
+                    raise HttpError(400, "no file in the multipart form")
+            request.body, pixels = b"", upload_pixels(data)  # the worker gets data alone
+            if self.pending and self.queued_pixels + pixels > self.max_queued_pixels:
+                raise HttpError(503, f"busy: the images queued are over {self.max_queued_pixels:,} pixels; "
+                                     f"try again in a moment", {"Retry-After": "1"})
+        except HttpError as e:
+            self._release(conn)
+            request.body = b""
+            return self._answer(conn, e.status, _json({"error": e.message}), headers=e.headers, close=e.close)
+        conn.state, conn.deadline, conn.pixels, conn.work = "busy", math.inf, pixels, (name, data)
         self.pending += 1
-        name = self._model_name(conn.request)
-        future = self.pool.submit(self._work, conn.request, name)
-        future.add_done_callback(functools.partial(self._finish, conn))
+        self.queued_pixels += pixels
+        self.waiting.append(conn)  # still watched: an EOF or reset takes it out (_check_gone)
+        self._dispatch()
+
+    def _dispatch(self):
+        """Hand the oldest waiting requests to the workers that are free."""
+        while self.waiting and self.running < self.workers:
+            conn = self.waiting.popleft()
+            (name, data), conn.work = conn.work, None
+            self.running += 1
+            future = self.pool.submit(self._work, conn, name, data)
+            future.add_done_callback(functools.partial(self._finish, conn))
+
+    def _unqueue(self, conn):
+        """Take a request that is answered, or whose client has gone, out of the counts."""
+        self.pending -= 1
+        self.queued_pixels -= conn.pixels
+        conn.pixels = 0
+        self._release(conn)
+
+    def _check_gone(self, conn):
+        """A request's connection has something to read while it waits or runs: its
+        client has gone (EOF, reset), and it is dropped, or the next pipelined request
+        has come, which waits in the socket until this one is answered."""
+        if not client_gone(conn.sock):
+            return self._watch(conn, 0)
+        self.dropped["closed by the client before the answer"] += 1
+        if conn in self.waiting:  # else a worker has it, and stops at its next check
+            self.waiting.remove(conn)
+            conn.work = None
+            self._unqueue(conn)
+        self._close(conn)
 
     def _finish(self, conn, future):
         """On the worker: hand its answer to the I/O thread, which alone touches sockets."""
@@ -4399,14 +4569,18 @@ class InspectionServer:
             pass
         while self.finished:
             conn, status, body = self.finished.popleft()
-            self.pending -= 1
-            self._release(conn)
-            if conn.open:
+            self.running -= 1
+            self._unqueue(conn)
+            if status is None and conn.open:  # its client has gone: the worker dropped the work
+                self.dropped["closed by the client before the answer"] += 1
+                self._close(conn)
+            elif conn.open:
                 with self._guard(conn):
                     conn.request.body = b""
                     self._answer(conn, status, body)
                     if conn.open and conn.state == "head":
                         self._advance(conn)
+        self._dispatch()
 
     def _headers(self, status, length, content_type, headers, close, version="HTTP/1.1"):
         lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", f"Server: vad/{__version__}",
@@ -4660,6 +4834,40 @@ def atomic_write(path, write, durable=True):
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
+@contextlib.contextmanager
+def model_lock(path):
+    """Hold an exclusive lock on a model file while a command reads, changes and writes
+    it back (fit --update, calibrate): a second such command on the file is refused with
+    one line, where both would succeed and the first one's change be lost (issue 24).
+    The lock is flock(2) on the file itself, opened read-only: the kernel drops it when
+    the process ends however it ends, so no stale lock file is ever left behind."""
+    for _ in range(8):  # a writer may rename a new file over the one just opened: lock that one
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # missing or unreadable: load() says so
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            now, held = os.stat(path), os.fstat(fd)
+        except BlockingIOError:
+            os.close(fd)
+            raise VadError(f"{path} is being changed by another vad command (fit --update or calibrate); "
+                           f"run this one when it has finished") from None
+        except OSError:  # gone since it was opened: load() says so
+            os.close(fd)
+            yield
+            return
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            try:
+                yield
+            finally:
+                os.close(fd)
+            return
+        os.close(fd)
+    raise VadError(f"{path} keeps being replaced while vad tries to lock it; try again")
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -4805,6 +5013,7 @@ def fit_command(model, data, out, force, update_file, quiet, **options):
             raise CliError("--update needs --data, the new normal images")
         out = out or update_file
         check_model_out(out, [data], force)
+        run_api(ctx.with_resource, model_lock(update_file))  # until the command ends
         detector = run_api(load, update_file, options["device"])
         run_api(update, detector, data, options["batch_size"])
         run_api(save, detector, out)
@@ -5100,6 +5309,7 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
     out = out or model_file
     if out != model_file:
         check_model_out(out, [*good_dirs, *bad_dirs], None)
+    run_api(click.get_current_context().with_resource, model_lock(model_file))  # until the command ends
     detector = run_api(load, model_file, device, precision)
 
     def scores(items, what):
