@@ -91,6 +91,7 @@ import hashlib
 import http
 import importlib
 import io
+import itertools
 import json
 import math
 import os
@@ -3823,6 +3824,7 @@ class Request:
     version: str
     headers: list  # (lower-case name, value), in order: a repeated header must be seen as repeated
     body: bytes = b""
+    started: float = field(default_factory=time.monotonic)  # when its headers were read (/metrics latency)
 
     def all(self, name):
         return [v for n, v in self.headers if n == name]
@@ -3949,6 +3951,140 @@ class Connection:
         self.out, self.sent, self.closing, self.drain, self.events, self.open = b"", 0, False, 0, 0, True
 
 
+# /metrics: Prometheus' text exposition format, version 0.0.4
+# (prometheus.io/docs/instrumenting/exposition_formats): per family a "# HELP" and a
+# "# TYPE" line, then its samples; counters end in _total; a histogram is cumulative
+# _bucket{le=...} samples ending with le="+Inf", then _sum and _count.
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # s: the Prometheus
+# clients' defaults, with 30 and 60 for bodies near BODY_SECONDS
+SCORE_BUCKETS = (-0.75, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0, 3.0)  # threshold + |threshold| x these:
+# scores of every detector on one scale, and le=threshold counts the ok verdicts
+ROUTES = ("/", "/health", "/models", "/metrics", "/score", "/favicon.ico")  # any other path is counted as "other"
+
+
+def metric_number(x):
+    """A sample value or le bound as the format writes it (Go's ParseFloat reads it)."""
+    if isinstance(x, int):
+        return str(x)
+    return "+Inf" if x == math.inf else "-Inf" if x == -math.inf else repr(float(x))
+
+
+def metric_labels(labels):
+    """{name: value} -> '{name="value",...}', with backslash, double quote and newline
+    escaped as the format asks."""
+    if not labels:
+        return ""
+    escaped = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in labels.values())
+    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, escaped)) + "}"
+
+
+class Histogram:
+    """Counts of observations at or below each bound (cumulative when written), their sum."""
+
+    def __init__(self, bounds):
+        self.bounds = tuple(bounds)
+        self.counts, self.sum = [0] * (len(self.bounds) + 1), 0.0
+
+    def observe(self, value):
+        if math.isfinite(value):  # a NaN score (a verdict fails closed on it) has no bucket, and no sum
+            self.counts[int(np.searchsorted(self.bounds, value, side="left"))] += 1  # value <= bounds[i]
+            self.sum += value
+
+    def samples(self, name, labels):
+        cumulative = itertools.accumulate(self.counts)
+        lines = [f"{name}_bucket{metric_labels(labels | {'le': metric_number(le)})} {n}"
+                 for le, n in zip((*self.bounds, math.inf), cumulative)]
+        return lines + [f"{name}_sum{metric_labels(labels)} {metric_number(self.sum)}",
+                        f"{name}_count{metric_labels(labels)} {sum(self.counts)}"]
+
+
+class ServerMetrics:
+    """What serve counts for /metrics and /health: requests answered by route and
+    status, their latency, and per model the verdicts, scores, time spent scoring and the
+    drift window (DriftMonitor, the last DRIFT_WINDOW verdicts). The I/O thread and the
+    workers both record, so one lock guards it all. Its size is bounded: a fixed set of
+    routes and statuses, and a fixed set of series per model."""
+
+    def __init__(self, models):
+        self.lock = threading.Lock()
+        self.requests = collections.Counter()  # (route, status) -> answers
+        self.latency = {route: Histogram(LATENCY_BUCKETS) for route in (*ROUTES, "other")}
+        self.monitors = {name: DriftMonitor(d, DRIFT_WINDOW) for name, d in models.items()}
+        self.scores, self.inference = {}, {}
+        for name, d in models.items():
+            t = float(d.threshold)
+            self.scores[name] = Histogram(t + abs(t or 1.0) * f for f in SCORE_BUCKETS)
+            self.inference[name] = Histogram(LATENCY_BUCKETS)
+
+    def answered(self, request, status):
+        """An answer sent to a request (None: its request line could not be read)."""
+        route = request.path if request is not None and request.path in ROUTES else "other"
+        with self.lock:
+            self.requests[route, status] += 1
+            if request is not None:
+                self.latency[route].observe(time.monotonic() - request.started)
+
+    def scored(self, name, result, seconds):
+        """A model's Scored for an upload, and the seconds its worker spent on it."""
+        with self.lock:
+            self.monitors[name].add(result)
+            self.inference[name].observe(seconds)
+            if not result.error:
+                self.scores[name].observe(result.score)
+
+    def drifting(self):
+        """The names of the models whose window has drifted."""
+        with self.lock:
+            return [name for name, m in self.monitors.items() if m.drift]
+
+    def render(self):
+        """The text page of /metrics."""
+        out = []
+
+        def family(name, kind, text, samples):
+            out.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples])
+        with self.lock:
+            family("vad_requests_total", "counter", "HTTP requests answered, by route (other: any other path) and "
+                   "status; connections cut off before an answer are in the log instead.",
+                   [f"vad_requests_total{metric_labels({'route': r, 'status': s})} {n}"
+                    for (r, s), n in sorted(self.requests.items())])
+            family("vad_request_duration_seconds", "histogram", "From a request's headers to its answer, by route.",
+                   [line for route, h in self.latency.items() for line in
+                    h.samples("vad_request_duration_seconds", {"route": route})])
+            family("vad_inference_seconds", "histogram", "Time a worker spent on an upload (waiting for the model, "
+                   "scoring, drawing), by model.",
+                   [line for name, h in self.inference.items() for line in
+                    h.samples("vad_inference_seconds", {"model": name})])
+            family("vad_verdicts_total", "counter", "Uploads judged, by model and verdict (error: not a readable "
+                   "image).", [f"vad_verdicts_total{metric_labels({'model': name, 'verdict': v})} {n}"
+                               for name, m in self.monitors.items() for v, n in
+                               (("ok", m.scored - m.anomalous), ("anomalous", m.anomalous), ("error", m.errors))])
+            family("vad_score", "histogram", "Image scores, by model; bounds are the model's threshold plus "
+                   f"{', '.join(map(str, SCORE_BUCKETS))} times its absolute value.",
+                   [line for name, h in self.scores.items() for line in h.samples("vad_score", {"model": name})])
+            checked = {name: m for name, m in self.monitors.items() if m.reference is not None}
+            for metric, kind, text, value in [
+                ("vad_drift_window_verdicts", "gauge", f"Verdicts in the drift window (the last {DRIFT_WINDOW}).",
+                 lambda m: m.in_window),
+                ("vad_drift_window_good", "gauge", "Good verdicts in the drift window.", lambda m: m.good),
+                ("vad_drift_window_above", "gauge", f"Scores in the drift window above the held-out "
+                 f"{DRIFT_PERCENTILE}th percentile.", lambda m: m.above),
+                ("vad_drift_window_good_above", "gauge", f"Good-verdict scores in the drift window above the "
+                 f"held-out {DRIFT_PERCENTILE}th percentile.", lambda m: m.good_above),
+                ("vad_drift_reference_score", "gauge", f"The held-out {DRIFT_PERCENTILE}th percentile.",
+                 lambda m: m.reference.score),
+                ("vad_drift_expected_ratio", "gauge", "The share of scores expected above it while nothing "
+                 "changes.", lambda m: m.reference.expected),
+                ("vad_drift_p_value", "gauge", "Beta-binomial tail probability of the window's count above it.",
+                 lambda m: m.p_value),
+                ("vad_drift", "gauge", f"1 when the window has drifted (p < {DRIFT_P}), else 0; models without "
+                 f"held-out scores (exports) have no drift series.", lambda m: int(m.drift))]:
+                family(metric, kind, text, [f"{metric}{metric_labels({'model': name})} {metric_number(value(m))}"
+                                            for name, m in checked.items()])
+        return ("\n".join(out) + "\n").encode()
+
+
 class InspectionServer:
     """The HTTP server holding the loaded models (see the section's opening comment).
     Inference is serialized by one lock: torch already spreads one forward pass over
@@ -3983,15 +4119,17 @@ class InspectionServer:
         self.last_summary = time.monotonic()
         self.stopping, self.stopped = False, threading.Event()
         self.stopped.set()
+        self.metrics = ServerMetrics(self.models)
 
     # -- the model work, on a worker --------------------------------------------------
 
     def inspect(self, name, data, with_overlay=False):
         """Score image bytes with model `name` -> the JSON-ready result. The overlay is
         drawn at most MAX_OVERLAY_SIDE on its long side, its map computed at that size."""
-        detector = self.models[name]
+        detector, start = self.models[name], time.monotonic()
         with self.lock:
             r = next(score_files(detector, [data], self.batch_size, desc=None))
+        self.metrics.scored(name, r, time.monotonic() - start)
         if r.error:
             raise VadError(r.error)
         # Regions are found on the map at the overlay's bounded size and given in the
@@ -4268,18 +4406,22 @@ class InspectionServer:
         """(status, body, content type, headers, close) of a request answered without
         its body, or None for a /score request to read and queue."""
         path, method = request.path, request.method
-        if path in ("/", "/health", "/models", "/favicon.ico"):
+        if path in ("/", "/health", "/models", "/metrics", "/favicon.ico"):
             if method not in ("GET", "HEAD"):
                 raise HttpError(405, f"{method} {path}: this page answers GET", {"Allow": "GET, HEAD"})
             if path == "/":
                 return 200, PAGE.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_CSP}, False
             if path == "/health":
-                return 200, _json({"status": "ok", "models": len(self.models)}), "application/json", {}, False
+                drift = bool(self.metrics.drifting())
+                return 200, _json({"status": "ok", "models": len(self.models), "drift": drift}), "application/json", \
+                    {}, False
+            if path == "/metrics":
+                return 200, self.metrics.render(), METRICS_TYPE, {}, False
             if path == "/models":
                 return 200, _json([describe(n, d) for n, d in self.models.items()]), "application/json", {}, False
             return 204, b"", "image/x-icon", {}, False
         if path != "/score":
-            raise HttpError(404, f"no page {path}: try /, /models, /health or POST /score?model=NAME")
+            raise HttpError(404, f"no page {path}: try /, /models, /health, /metrics or POST /score?model=NAME")
         if method != "POST":
             raise HttpError(405, f"{method} /score: POST image bytes to /score?model=NAME", {"Allow": "POST"})
         if length is None:
@@ -4294,6 +4436,8 @@ class InspectionServer:
     def _model_name(self, request):
         models = self.models
         name = request.query.get("model", [next(iter(models)) if len(models) == 1 else ""])[0]
+        if not name:
+            raise HttpError(404, f"{len(models)} models are served: add ?model=NAME, NAME one of {', '.join(models)}")
         if name not in models:
             raise HttpError(404, f"unknown model {name[:100]!r}; models: {', '.join(models)}")
         return name
@@ -4379,6 +4523,7 @@ class InspectionServer:
         conn.closing = close = close or conn.closing or request is None or not request.keep_alive
         head = self._headers(status, len(body), content_type, headers or {}, close,
                              request.version if request else "HTTP/1.1")
+        self.metrics.answered(request, status)
         conn.out = head + (b"" if request and request.method == "HEAD" else body)
         conn.state, conn.sent, conn.deadline = "send", 0, time.monotonic() + self.send_seconds
         if not self.quiet:
@@ -4608,6 +4753,33 @@ def _decorate(f, options):
     return f
 
 
+def setting_text(value):
+    """A config default as -s takes it: 1,2,3 for a tuple, true/false, none."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def settings_help():
+    """The help's list of every detector's -s keys with their defaults, from the Config
+    dataclasses themselves (a hand-written list would fall behind them)."""
+    import textwrap
+    lines = ["Detector settings, -s KEY=VALUE, with their defaults (README, \"Detector settings\", says what "
+             "each does):", "", "\b"]
+    for name, detector in DETECTORS.items():
+        keys = " ".join(f"{f.name}={setting_text(f.default)}" for f in dataclasses.fields(detector.Config))
+        lines += textwrap.wrap(keys, 76, initial_indent=f"  {name:<13}", subsequent_indent=" " * 15,
+                               break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def layouts_help(labelled_only):
+    """The data layouts --data reads, named from LAYOUTS (and VisA, found by its split file)."""
+    named = [f"{layout} ({train}/)" for layout, train, *_ in LAYOUTS]
+    named.append(f"VisA (a category folder beside {VISA_SPLIT})")
+    return ", ".join(named) + ("" if labelled_only else ", or a plain folder of good images (searched recursively)")
+
+
 def fit_options(f):
     """The options of fit and bench that say how a detector is fitted; with run_options,
     they are the fields of RunOptions, whose defaults they show."""
@@ -4635,7 +4807,8 @@ def fit_options(f):
         click.option("--max-train", type=click.IntRange(2), default=d.max_train, help="Fit on a seeded subset of "
                      "this many training images (to see how a detector does with few) [default: all]."),
         click.option("-s", "--set", "settings", multiple=True, metavar="KEY=VALUE",
-                     help="Detector setting, repeatable (e.g. -s coreset_ratio=0.01); see the README."),
+                     help="Detector setting, repeatable (e.g. -s coreset_ratio=0.01); the keys and their "
+                          "defaults are listed below."),
     ])
 
 
@@ -4653,7 +4826,8 @@ def run_options(fitting):
                                  "fitted and calibrated with; auto is fp32.")
     return lambda f: _decorate(f, [
         precision,
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=d.device, show_default=True),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=d.device, show_default=True,
+                     help="Where the model runs: auto is cuda when a GPU is available, else cpu."),
         click.option("--batch-size", type=click.IntRange(1), default=d.batch_size, show_default=True,
                      help="Model inputs (images, or tiles) per forward pass."),
         click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but warnings and errors (no progress "
@@ -4678,10 +4852,11 @@ def cli():
     """
 
 
-@cli.command("fit")
-@click.option("--model", "model", type=click.Choice(list(DETECTORS)), default="patchcore", show_default=True)
-@click.option("--data", type=click.Path(path_type=Path), help="MVTec AD category folder or folder of normal images "
-              "[default: the embedded synthetic 'surface' set].")
+@cli.command("fit", short_help="Fit a detector on good images (or add some to a model).", epilog=settings_help())
+@click.option("--model", "model", type=click.Choice(list(DETECTORS)), default="patchcore", show_default=True,
+              help="Detector: padim and patchcore need no training, efficientad and autoencoder train.")
+@click.option("--data", type=click.Path(path_type=Path), help=f"The good images: {layouts_help(False)} [default: "
+              f"the embedded synthetic 'surface' set].")
 @click.option("--out", type=click.Path(path_type=Path), help="Model file [default: <category>-<model>.pt]; an "
               "existing file is replaced only if it is a vad model.")
 @click.option("--force", is_flag=True, help="Let --out replace an existing file that is not a vad model.")
@@ -4831,7 +5006,7 @@ def npy_bytes(array):
     return buffer.getvalue()
 
 
-@cli.command("score")
+@cli.command("score", short_help="Score images: score, verdict and defect regions of each.")
 @click.argument("model_file", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of tab-separated text.")
@@ -4943,7 +5118,7 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
         sys.exit(1)
 
 
-@cli.command("calibrate")
+@cli.command("calibrate", short_help="Set a model's threshold from good (and bad) images.")
 @click.argument("model_file", type=click.Path(path_type=Path))
 @click.option("--good", "good_dirs", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Folder (or file) of good images from the line, repeatable.")
@@ -4998,7 +5173,7 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
     note(f"wrote {out}")
 
 
-@cli.command("export")
+@cli.command("export", short_help="Export a model to one ONNX file that runs without torch.")
 @click.argument("model_file", type=click.Path(path_type=Path))
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="The ONNX file [default: MODEL_FILE with .onnx]; "
               "an existing file is replaced only if it is a vad model or export.")
@@ -5041,11 +5216,12 @@ def export_command(model_file, out, force, check_images, batch_size, quiet):
     click.echo(str(out))
 
 
-@cli.command("bench")
+@cli.command("bench", short_help="Fit and evaluate on labelled data; print a metrics table.", epilog=settings_help())
 @click.option("--model", "models", multiple=True, type=click.Choice(list(DETECTORS)),
               help="Detector to benchmark, repeatable [default: padim and patchcore, which need no training].")
 @click.option("--data", "data", multiple=True, type=click.Path(path_type=Path),
-              help="MVTec AD category folder, repeatable [default: the embedded synthetic set].")
+              help=f"Labelled category folder, repeatable, in a layout vad reads: {layouts_help(True)} "
+                   f"[default: the embedded synthetic set].")
 @click.argument("more_data", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--json", "json_file", type=click.Path(path_type=Path), help="Also write the results as JSON here.")
 @click.option("--runtime", "runtimes", default="torch", show_default=True, metavar="LIST",
@@ -5097,10 +5273,11 @@ def bench_command(models, data, more_data, json_file, runtimes, quiet, **options
         atomic_write(json_file, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
 
 
-@cli.command("serve")
+@cli.command("serve", short_help="Serve an inspection page, a JSON API and /metrics.")
 @click.argument("model_files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on; 0 picks a free one (the log line says which).")
 @click.option("--max-bytes", type=click.IntRange(1), default=MAX_UPLOAD_BYTES, show_default=True,
               help="Largest request body accepted; larger ones get 413.")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
@@ -5114,7 +5291,10 @@ def serve_command(model_files, host, port, max_bytes, allow_hosts, precision, de
       GET  /                       the page: pick a model, drop an image, see the verdict and map
       POST /score?model=NAME       raw image bytes or multipart form data -> JSON score,
                                    threshold, verdict (add &overlay=1 for a PNG data URL)
-      GET  /models, GET /health
+      GET  /models                 the models, their settings and thresholds
+      GET  /health                 {"status": "ok", "models": N, "drift": true|false}
+      GET  /metrics                Prometheus text format: requests, latencies, verdicts,
+                                   scores and each model's drift window (last 500 verdicts)
 
     A model's NAME is its file name without .pt (or .onnx: an exported model, run with
     ONNX Runtime). Behind a reverse proxy or under a DNS
