@@ -12,6 +12,7 @@ checked against independent references (scipy, naive loops, hand-computed cases)
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ import urllib.request
 from http.client import HTTPConnection
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -1743,6 +1745,36 @@ def test_cli_usage_errors_are_one_line(dataset, tmp_path):
     assert r.exit_code == 2 and "nowhere" in r.stderr
     r = cli("score", tmp_path / "missing.pt", dataset)
     assert r.exit_code == 2 and "does not exist" in r.stderr
+
+
+def test_cli_help_every_option_settings_layouts_and_whole_summaries():
+    """Every option of every command has help; fit's help lists each detector's -s keys
+    with values that are their defaults (make_config gives the default config back); bench
+    names each data layout; no command summary in `vad.py --help` is cut off."""
+    for name, command in vad.cli.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help and "\n" not in param.help.strip(), (name, param.opts)
+    top = cli("--help").stdout.split("Commands:\n")[1].splitlines()
+    assert len(top) == len(vad.cli.commands)
+    for line in top:
+        assert not line.rstrip().endswith("..."), line
+    text = cli("fit", "--help").stdout
+    blocks = {}
+    for word in text.split("says what each does):")[1].split():
+        if "=" in word:
+            blocks[detector_name].append(word)
+        else:
+            detector_name = word
+            blocks[word] = []
+    assert list(blocks) == list(vad.DETECTORS)
+    for name, detector in vad.DETECTORS.items():
+        listed = dict(item.split("=", 1) for item in blocks[name])
+        assert set(listed) == {f.name for f in dataclasses.fields(detector.Config)}, name
+        assert vad.make_config(name, [f"{k}={v}" for k, v in listed.items()]) == detector.Config(), name
+    text = " ".join(cli("bench", "--help").stdout.split())
+    for layout in ["MVTec AD", "MVTec AD 2", "BTech", "VisA", *(layout for layout, *_ in vad.LAYOUTS)]:
+        assert f"{layout} (" in text, layout
 
 
 @pytest.fixture(scope="session")
