@@ -2820,9 +2820,10 @@ def test_prometheus_parser_refuses_what_the_format_forbids():
                 '# TYPE a_total counter\n# TYPE a_total counter\na_total 1\n',
                 '# TYPE a_total counter\na_total{x="\\t"} 1\n',  # an escape the format lacks
                 '# TYPE a_total counter\na_total{x=1} 1\n', '# TYPE a_total counter\na_total one\n',
-                '# TYPE h histogram\nh_bucket{le="1.0"} 2\nh_bucket{le="+Inf"} 1\nh_sum 0\nh_count 1\n',  # not cumulative
+                # buckets not cumulative; +Inf unequal to _count; no +Inf bucket
+                '# TYPE h histogram\nh_bucket{le="1.0"} 2\nh_bucket{le="+Inf"} 1\nh_sum 0\nh_count 1\n',
                 '# TYPE h histogram\nh_bucket{le="1.0"} 1\nh_bucket{le="+Inf"} 2\nh_sum 0\nh_count 3\n',
-                '# TYPE h histogram\nh_bucket{le="1.0"} 1\nh_sum 0\nh_count 1\n']:  # no +Inf bucket
+                '# TYPE h histogram\nh_bucket{le="1.0"} 1\nh_sum 0\nh_count 1\n']:
         with pytest.raises((AssertionError, IndexError)):
             parse_prometheus_text(bad)
 
@@ -2869,7 +2870,8 @@ def test_serve_metrics_parse_as_prometheus_text_and_count_what_was_done(fitted, 
     q = np.sort(models[odd].held_out_scores.numpy())[-1]  # 20 held out: the 20th of 20
     assert samples(families, "vad_drift_window_above", model=odd) == [sum(a["score"] > q for a in answers[3:])]
     assert samples(families, "vad_drift_window_verdicts", model=odd) == [24]
-    assert samples(families, "vad_drift", model=odd) == [1] and samples(families, "vad_drift", model="tiles-padim") == [0]
+    assert samples(families, "vad_drift", model=odd) == [1]
+    assert samples(families, "vad_drift", model="tiles-padim") == [0]
 
 # -----------------------------------------------------------------------------
 # GPU (skipped without CUDA)

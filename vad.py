@@ -46,10 +46,10 @@ Contents (in file order):
     Detector registry       DETECTORS, -s KEY=VALUE settings
     Model files             save, load (one .pt, weights_only, every field and tensor checked)
     Image I/O               placement in the frame, tiles and their stitching, images, masks, data sets
-    API                     score_files, RunOptions, fit, update, metrics, evaluate
+    API                     score_files, RunOptions, fit, update, metrics, evaluate, drift
     Export                  one ONNX graph per model, parity-checked; scoring it with ONNX Runtime
     Bench                   bench and the embedded synthetic set
-    Heat maps, Serving      overlays, defect masks and regions; the upload-and-inspect page and JSON endpoint
+    Heat maps, Serving      overlays, defect masks and regions; the upload-and-inspect page, JSON endpoint, /metrics
     Plumbing                progress bars, stage timers, prefetching, peak memory, atomic writes
     CLI                     fit, score, calibrate, export, bench, serve
 
@@ -104,6 +104,7 @@ import signal
 import socket
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import types
@@ -2397,7 +2398,7 @@ def load_images(paths, framing, batch_size=BATCH_SIZE, desc="images"):
         yield torch.stack(batch)
 
 # -----------------------------------------------------------------------------
-# API: fit, score, evaluate; metrics (image AUROC, pixel AUROC, AUPRO, thresholded and oracle F1)
+# API: fit, score, evaluate; metrics (image AUROC, pixel AUROC, AUPRO, thresholded and oracle F1); drift
 
 
 def threshold_from(scores):
@@ -3633,7 +3634,7 @@ def defect_regions(anomaly_map, pixel_threshold, scale=(1.0, 1.0), limit=MAX_REG
 #
 # One I/O thread holds every connection and reads it without blocking (selectors), so a
 # slow or silent client costs a socket and a few kilobytes, never a thread. It answers
-# the page, /health, /models and every error itself, and hands each complete /score
+# the page, /health, /models, /metrics and every error itself, and hands each complete /score
 # request to a small pool of workers: decoding, scoring and drawing then run at most
 # SERVE_WORKERS at a time, which is what bounds the server's memory. Every stage of a
 # request has a total deadline, so a client that sends a byte every few seconds is cut
@@ -4763,7 +4764,6 @@ def setting_text(value):
 def settings_help():
     """The help's list of every detector's -s keys with their defaults, from the Config
     dataclasses themselves (a hand-written list would fall behind them)."""
-    import textwrap
     lines = ["Detector settings, -s KEY=VALUE, with their defaults (README, \"Detector settings\", says what "
              "each does):", "", "\b"]
     for name, detector in DETECTORS.items():
