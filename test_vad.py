@@ -2515,6 +2515,10 @@ def test_serve_scores_with_an_exported_model(exported, fitted, dataset):
         status, result = http(url + "/score", path.read_bytes())
         expected = next(vad.score_files(fitted["padim"], [path], desc=None)).score
         assert status == 200 and result["score"] == pytest.approx(expected, rel=1e-4)
+        metrics = http(url + "/metrics")[1]  # an export keeps no held-out scores: counts, but no drift series
+        assert 'vad_verdicts_total{model="tiles-padim",verdict="' in metrics and "vad_drift{" not in metrics
+    r = cli("score", exported["padim"], path)
+    assert r.exit_code == 0 and "drift not checked: the model holds no held-out scores" in r.stderr
 
 
 def test_cli_serve_refuses_duplicate_names(fitted, tmp_path):
