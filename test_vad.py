@@ -2503,7 +2503,7 @@ def test_serve_keeps_alive_and_answers_pipelined_requests_in_order(server, datas
     connection.close()
     two = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     answer = raw(server, two)
-    assert answer[0] == 200 and answer[2] == {"status": "ok", "models": 2}
+    assert answer[0] == 200 and answer[2] == {"status": "ok", "models": 2, "drift": False}
 
 
 def test_serve_scores_with_an_exported_model(exported, fitted, dataset):
