@@ -1813,9 +1813,8 @@ def test_cli_score_summary_and_drift_warning_on_brightened_images(drift_case):
                           r"p = ([^)]+)\)$", summary)
         assert float(shown[1]) == pytest.approx(held[-1], rel=1e-5) and float(shown[2]) == pytest.approx(p, rel=0.05)
         assert (p < 0.001) == drifts and ("warning: drift:" in r.stderr) == drifts, r.stderr
-        quiet = cli("score", model_file, *images, "-q")
-        assert quiet.stderr == (r.stderr.splitlines()[-1] + "\n" if drifts else "")  # -q: the warning alone
-    assert "drift not checked" not in r.stderr
+    quiet = cli("score", model_file, *bright, "-q")
+    assert quiet.stderr == r.stderr.splitlines()[-1] + "\n"  # -q: the warning alone
 
 # -----------------------------------------------------------------------------
 # The scripting contract: one test per row of the README's table
