@@ -12,6 +12,7 @@ checked against independent references (scipy, naive loops, hand-computed cases)
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -26,11 +27,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.client import HTTPConnection
 from pathlib import Path
 
+import click
 import numpy as np
 import click
 import pytest
@@ -1295,6 +1299,44 @@ def test_classification_and_f1_max_against_brute_force():
     brute = max(2 * ((scores >= t) & (labels == 1)).sum() / ((scores >= t).sum() + labels.sum()) for t in np.unique(scores))
     assert vad.f1_max(scores, labels) == pytest.approx(brute)
 
+
+def test_beta_binomial_tail_against_scipy_and_its_binomial_limit():
+    import scipy.stats
+    for x, n, a, b in [(0, 10, 1, 21), (1, 10, 1, 21), (3, 20, 1, 21), (20, 20, 1, 21), (21, 20, 1, 21),
+                       (150, 500, 2, 38), (40, 500, 7.5, 130.25), (0, 0, 1, 1)]:
+        # the pmf summed: scipy's sf is 1 - cdf, which loses the far tail (6e-5 off at 20 of 20)
+        expected = scipy.stats.betabinom.pmf(np.arange(x, n + 1), n, a, b).sum() if n else 1.0
+        assert vad.beta_binomial_tail(x, n, a, b) == pytest.approx(expected, rel=1e-9, abs=1e-300), (x, n, a, b)
+    # 20 of 20 above the maximum of 21: B(21, 21) / B(1, 21) = 21 * 20! 20! / 41!, exactly
+    assert vad.beta_binomial_tail(20, 20, 1, 21) == pytest.approx(21 * math.factorial(20) ** 2 / math.factorial(41),
+                                                                  rel=1e-12)
+    # a held-out set so large that q is all but known: the test becomes the binomial one
+    # (Beta(pm, (1 - p)m) has variance ~p(1 - p)/m; the tails differ by about n x / m)
+    for x, n, p in [(9, 100, 0.05), (40, 500, 0.05), (3, 20, 0.2)]:
+        m = 1e7
+        assert vad.beta_binomial_tail(x, n, p * m, (1 - p) * m) == pytest.approx(scipy.stats.binom.sf(x - 1, n, p),
+                                                                                 rel=1e-3)
+
+
+def test_drift_reference_rank_and_its_null_distribution():
+    """The reference is the k-th smallest held-out score, k = ceil(0.95 (n + 1)) at most n
+    (hand-computed ranks); and for exchangeable scores the count of new ones above it
+    follows the beta-binomial the test assumes (a simulation, against scipy's pmf)."""
+    import scipy.stats
+    for n, k in [(1, 1), (18, 18), (19, 19), (20, 20), (21, 21), (38, 38), (39, 38), (99, 95), (199, 190)]:
+        scores = np.random.default_rng(n).permutation(np.arange(n, dtype=float))
+        ref = vad.drift_reference(types.SimpleNamespace(held_out_scores=torch.tensor(scores)))
+        assert (ref.rank, ref.held_out, ref.score) == (k, n, float(k - 1)), n
+        assert ref.expected == pytest.approx((n + 1 - k) / (n + 1))
+    assert vad.drift_reference(types.SimpleNamespace(held_out_scores=torch.empty(0))) is None
+    n, N, reps = 21, 30, 20000
+    draws = np.random.default_rng(0).normal(size=(reps, n + N))
+    q = np.sort(draws[:, :n], axis=1)[:, 20]  # k = 21 of 21
+    counts = np.bincount((draws[:, n:] > q[:, None]).sum(1), minlength=N + 1)
+    expected = scipy.stats.betabinom.pmf(np.arange(N + 1), N, 1, 21) * reps
+    assert scipy.stats.chisquare(counts[:8], expected[:8] / expected[:8].sum() * counts[:8].sum()).pvalue > 0.001
+    assert counts[0] / reps == pytest.approx(21 / 51, abs=0.02)  # P(none above) = B(1, 51) / B(1, 21) = 21/51
+
 # -----------------------------------------------------------------------------
 # Export: ONNX graphs checked against the .pt, scored by ONNX Runtime (the optional
 # extras: .ci/run installs them, so these never skip in CI)
@@ -1754,6 +1796,76 @@ def test_cli_usage_errors_are_one_line(dataset, tmp_path):
     assert r.exit_code == 2 and "nowhere" in r.stderr
     r = cli("score", tmp_path / "missing.pt", dataset)
     assert r.exit_code == 2 and "does not exist" in r.stderr
+
+
+def test_cli_help_every_option_settings_layouts_and_whole_summaries():
+    """Every option of every command has help; fit's help lists each detector's -s keys
+    with values that are their defaults (make_config gives the default config back); bench
+    names each data layout; no command summary in `vad.py --help` is cut off."""
+    for name, command in vad.cli.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help and "\n" not in param.help.strip(), (name, param.opts)
+    top = cli("--help").stdout.split("Commands:\n")[1].splitlines()
+    assert len(top) == len(vad.cli.commands)
+    for line in top:
+        assert not line.rstrip().endswith("..."), line
+    text = cli("fit", "--help").stdout
+    blocks = {}
+    for word in text.split("says what each does):")[1].split():
+        if "=" in word:
+            blocks[detector_name].append(word)
+        else:
+            detector_name = word
+            blocks[word] = []
+    assert list(blocks) == list(vad.DETECTORS)
+    for name, detector in vad.DETECTORS.items():
+        listed = dict(item.split("=", 1) for item in blocks[name])
+        assert set(listed) == {f.name for f in dataclasses.fields(detector.Config)}, name
+        assert vad.make_config(name, [f"{k}={v}" for k, v in listed.items()]) == detector.Config(), name
+    text = " ".join(cli("bench", "--help").stdout.split())
+    for layout in ["MVTec AD", "MVTec AD 2", "BTech", "VisA", *(layout for layout, *_ in vad.LAYOUTS)]:
+        assert f"{layout} (" in text, layout
+
+
+@pytest.fixture(scope="session")
+def drift_case(tmp_path_factory):
+    """A PaDiM model with 20 held-out images, and 12 new images of the same textures
+    beside 12 brightened by 40 grey levels (a new lamp on the line) -> (model file,
+    the same images, the brightened ones)."""
+    root = tmp_path_factory.mktemp("drift")
+    rng = np.random.default_rng(7)
+    for folder, n, shift in (("train", 40, 0), ("same", 12, 0), ("bright", 12, 40)):
+        for i in range(n):
+            save_png(texture(rng, SIZE) + shift, root / folder / f"{i:03d}.png")
+    detector = fit_tiny("padim", root / "train", holdout=0.5)
+    vad.save(detector, root / "m.pt")
+    return root / "m.pt", sorted((root / "same").glob("*.png")), sorted((root / "bright").glob("*.png"))
+
+
+def test_cli_score_summary_and_drift_warning_on_brightened_images(drift_case):
+    import scipy.stats
+    model_file, same, bright = drift_case
+    held = np.sort(vad.load(model_file).held_out_scores.numpy())
+    assert len(held) == 20  # so the reference is the 20th of 20, the maximum: ceil(0.95 * 21) = 20
+    for images, drifts in ((same, False), (bright, True)):
+        r = cli("score", model_file, *images, "--json")
+        records = [json.loads(line) for line in r.stdout.splitlines()]
+        scores = np.array([x["score"] for x in records])
+        anomalous = sum(x["verdict"] == "anomalous" for x in records)
+        above, good_above = int((scores > held[-1]).sum()), sum(x["score"] > held[-1] and x["verdict"] == "ok"
+                                                                  for x in records)
+        summary = r.stderr.strip().splitlines()[-2 if drifts else -1]
+        assert r.exit_code == 0 and summary.startswith(f"scored 12, anomalous {anomalous}, errors 0; {above} of 12 "
+                                                       f"scores ({100 * above / 12:.1f}%), {good_above} of "
+                                                       f"{12 - anomalous} good-verdict ones"), summary
+        p = scipy.stats.betabinom.pmf(np.arange(above, 13), 12, 1, 20).sum()
+        shown = re.search(r"percentile ([^,]+), where 4\.8% is expected from 20 held-out scores \(beta-binomial "
+                          r"p = ([^)]+)\)$", summary)
+        assert float(shown[1]) == pytest.approx(held[-1], rel=1e-5) and float(shown[2]) == pytest.approx(p, rel=0.05)
+        assert (p < 0.001) == drifts and ("warning: drift:" in r.stderr) == drifts, r.stderr
+    quiet = cli("score", model_file, *bright, "-q")
+    assert quiet.stderr == r.stderr.splitlines()[-1] + "\n"  # -q: the warning alone
 
 # -----------------------------------------------------------------------------
 # The scripting contract: one test per row of the README's table
@@ -2647,7 +2759,7 @@ def test_serve_page_health_and_models(server, fitted):
     status, page = http(server + "/")
     assert status == 200 and "<script>" in page and 'fetch("/models")' in page
     assert "src=" not in page.replace('$("overlay").src', "") and "https://" not in page  # self-contained
-    assert http(server + "/health") == (200, {"status": "ok", "models": 2})
+    assert http(server + "/health") == (200, {"status": "ok", "models": 2, "drift": False})
     status, models = http(server + "/models")
     assert status == 200 and [m["name"] for m in models] == ["tiles-padim", "tiles-patchcore"]
     assert models[0] == {"name": "tiles-padim", "detector": "padim", "backbone": "resnet18",
@@ -2712,7 +2824,7 @@ def test_serve_keeps_alive_and_answers_pipelined_requests_in_order(server, datas
     connection.close()
     two = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     answer = raw(server, two)
-    assert answer[0] == 200 and answer[2] == {"status": "ok", "models": 2}
+    assert answer[0] == 200 and answer[2] == {"status": "ok", "models": 2, "drift": False}
 
 
 def test_serve_scores_with_an_exported_model(exported, fitted, dataset):
@@ -2724,6 +2836,10 @@ def test_serve_scores_with_an_exported_model(exported, fitted, dataset):
         status, result = http(url + "/score", path.read_bytes())
         expected = next(vad.score_files(fitted["padim"], [path], desc=None)).score
         assert status == 200 and result["score"] == pytest.approx(expected, rel=1e-4)
+        metrics = http(url + "/metrics")[1]  # an export keeps no held-out scores: counts, but no drift series
+        assert 'vad_verdicts_total{model="tiles-padim",verdict="' in metrics and "vad_drift{" not in metrics
+    r = cli("score", exported["padim"], path)
+    assert r.exit_code == 0 and "drift not checked: the model holds no held-out scores" in r.stderr
 
 
 def test_cli_serve_refuses_duplicate_names(fitted, tmp_path):
@@ -2991,6 +3107,172 @@ def test_contract_serve_sends_security_headers_and_refuses_other_hosts(server, f
     monkeypatch.setattr(vad, "InspectionServer", Recorder)
     r = cli("serve", model_file, "--port", "0", "--allow-host", "inspect.lan", "--allow-host", "Other.Lan")
     assert r.exit_code == 0 and {"inspect.lan", "other.lan"} <= seen["hosts"]
+
+def parse_prometheus_text(text):
+    """Prometheus' text exposition format 0.0.4, read from its specification
+    (prometheus.io/docs/instrumenting/exposition_formats) and checked as it goes:
+    -> {family: {"type", "help", "samples": [(name, {label: value}, float)]}}.
+    Asserts each line's grammar, HELP and TYPE at most once per family and before its
+    samples, every sample in a declared family of its name, and for histograms buckets
+    with increasing le, cumulative counts, a +Inf bucket equal to _count, and a _sum."""
+    name_start = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_:")
+    name_chars = name_start | set("0123456789")
+
+    def take_name(line, i, chars=name_chars, first=name_start):
+        j = i
+        assert j < len(line) and line[j] in first, (line, i)
+        while j < len(line) and line[j] in chars:
+            j += 1
+        return line[i:j], j
+
+    def number(token):
+        assert token in ("+Inf", "-Inf", "NaN") or re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", token), token
+        return float(token.replace("Inf", "inf"))
+
+    families, seen_samples = {}, set()
+    assert text.endswith("\n")
+    for line in text[:-1].split("\n"):
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                name, _ = take_name(parts[2], 0)
+                assert name == parts[2] and name not in seen_samples, line  # before the family's samples
+                family = families.setdefault(name, {"samples": []})
+                key = parts[1].lower()
+                assert key not in family, f"second {parts[1]} for {name}"
+                value = parts[3] if len(parts) > 3 else ""
+                if key == "type":
+                    assert value in ("counter", "gauge", "histogram", "summary", "untyped"), line
+                else:  # HELP text: \\ and \n are its only escapes
+                    assert re.fullmatch(r"([^\\]|\\\\|\\n)*", value), line
+                    value = re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], value)
+                family[key] = value
+            continue
+        name, i = take_name(line, 0)
+        labels = {}
+        if i < len(line) and line[i] == "{":
+            i += 1
+            while line[i] != "}":
+                label, i = take_name(line, i, name_chars - {":"}, name_start - {":"})
+                assert line[i:i + 2] == '="', line
+                i, value = i + 2, []
+                while line[i] != '"':
+                    if line[i] == "\\":
+                        assert line[i + 1] in '\\"n', line  # the only escapes in a label value
+                        value.append("\n" if line[i + 1] == "n" else line[i + 1])
+                        i += 2
+                    else:
+                        assert line[i] != "\n"
+                        value.append(line[i])
+                        i += 1
+                assert label not in labels, line
+                labels[label] = "".join(value)
+                i += 1
+                if line[i] == ",":
+                    i += 1
+            i += 1
+        assert line[i] == " ", line
+        fields = line[i + 1:].split(" ")
+        assert len(fields) in (1, 2), line  # value, optional timestamp
+        value = number(fields[0])
+        owner = next((f for f in (name, re.sub(r"_(bucket|sum|count)$", "", name)) if f in families), None)
+        assert owner is not None and "type" in families[owner], f"sample {name} before its TYPE"
+        kind = families[owner]["type"]
+        assert owner == name or kind in ("histogram", "summary"), line
+        if kind == "counter":
+            assert name.endswith("_total") and value >= 0, line
+        seen_samples.add(owner)
+        families[owner]["samples"].append((name, labels, value))
+    for family, f in families.items():
+        if f.get("type") != "histogram":
+            continue
+        series = {}
+        for name, labels, value in f["samples"]:
+            key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+            series.setdefault(key, {"buckets": []})
+            if name == family + "_bucket":
+                series[key]["buckets"].append((number(labels["le"]), value))
+            else:
+                assert name in (family + "_sum", family + "_count") and "le" not in labels, name
+                series[key][name[len(family) + 1:]] = value
+        for key, s in series.items():
+            bounds, counts = zip(*s["buckets"])
+            assert list(bounds) == sorted(set(bounds)) and bounds[-1] == math.inf, (family, key)
+            assert all(a <= b for a, b in zip(counts, counts[1:])), (family, key)  # cumulative
+            assert counts[-1] == s["count"] and "sum" in s, (family, key)
+    return families
+
+
+def samples(families, name, **labels):
+    """The values of a family's samples named `name` whose labels include `labels`."""
+    family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in families else name
+    return [v for n, ls, v in families[family]["samples"] if n == name and labels.items() <= ls.items()]
+
+
+def test_prometheus_parser_refuses_what_the_format_forbids():
+    good = ('# HELP a_total A count.\n# TYPE a_total counter\na_total{x="q\\"\\\\\\n"} 3\n'
+            '# TYPE h histogram\nh_bucket{le="1.0"} 1\nh_bucket{le="+Inf"} 2\nh_sum 0.5\nh_count 2\n')
+    families = parse_prometheus_text(good)
+    assert families["a_total"]["samples"] == [("a_total", {"x": 'q"\\\n'}, 3.0)]
+    for bad in ['a_total 3\n# TYPE a_total counter\n',  # a sample before its TYPE
+                '# TYPE a counter\na 3\n',  # a counter without _total
+                '# TYPE a_total counter\n# TYPE a_total counter\na_total 1\n',
+                '# TYPE a_total counter\na_total{x="\\t"} 1\n',  # an escape the format lacks
+                '# TYPE a_total counter\na_total{x=1} 1\n', '# TYPE a_total counter\na_total one\n',
+                # buckets not cumulative; +Inf unequal to _count; no +Inf bucket
+                '# TYPE h histogram\nh_bucket{le="1.0"} 2\nh_bucket{le="+Inf"} 1\nh_sum 0\nh_count 1\n',
+                '# TYPE h histogram\nh_bucket{le="1.0"} 1\nh_bucket{le="+Inf"} 2\nh_sum 0\nh_count 3\n',
+                '# TYPE h histogram\nh_bucket{le="1.0"} 1\nh_sum 0\nh_count 1\n']:
+        with pytest.raises((AssertionError, IndexError)):
+            parse_prometheus_text(bad)
+
+
+def test_serve_metrics_parse_as_prometheus_text_and_count_what_was_done(fitted, dataset, drift_case):
+    model_file, same, bright = drift_case
+    odd = 'line "3"\\cam\n2'  # a model name that needs every escape of a label value
+    models = {"tiles-padim": fitted["padim"], odd: vad.load(model_file)}
+    test = vad.read_dataset(dataset).test
+    with serving(models) as (_, url):
+        answers = [http(url + "/score?model=tiles-padim", p.read_bytes())[1] for p in test[:3]]
+        assert http(url + "/score?model=tiles-padim", b"not an image")[0] == 400
+        status, answer = http(url + "/score", test[0].read_bytes())  # two models: which one?
+        assert status == 404 and "2 models are served" in answer["error"] and "tiles-padim" in answer["error"]
+        assert http(url + "/nowhere")[0] == 404
+        quoted = urllib.parse.quote(odd)
+        for p in same:
+            answers.append(http(f"{url}/score?model={quoted}", p.read_bytes())[1])
+        assert http(url + "/health")[1]["drift"] is False
+        for p in bright:
+            answers.append(http(f"{url}/score?model={quoted}", p.read_bytes())[1])
+        assert http(url + "/health")[1] == {"status": "ok", "models": 2, "drift": True}
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+            kind, text = r.headers["Content-Type"], r.read().decode()
+        assert http(url + "/metrics", b"x")[0] == 405
+        assert http(url + "/metrics", headers={"Host": "evil.example"})[0] == 421
+    assert kind.startswith("text/plain; version=0.0.4")
+    families = parse_prometheus_text(text)
+    assert samples(families, "vad_requests_total", route="/score", status="200") == [3 + 24]
+    assert samples(families, "vad_requests_total", route="/score", status="400") == [1]
+    assert samples(families, "vad_requests_total", route="/score", status="404") == [1]
+    assert samples(families, "vad_requests_total", route="other", status="404") == [1]
+    assert samples(families, "vad_requests_total", route="/health", status="200") == [2]
+    assert samples(families, "vad_request_duration_seconds_count", route="/score") == [3 + 1 + 1 + 24]
+    for name, mine in (("tiles-padim", answers[:3]), (odd, answers[3:])):
+        ok = sum(a["verdict"] == "ok" for a in mine)
+        assert samples(families, "vad_verdicts_total", model=name, verdict="ok") == [ok]
+        assert samples(families, "vad_verdicts_total", model=name, verdict="anomalous") == [len(mine) - ok]
+        assert samples(families, "vad_score_count", model=name) == [len(mine)]
+        assert samples(families, "vad_score_sum", model=name)[0] == pytest.approx(sum(a["score"] for a in mine))
+        assert samples(families, "vad_score_bucket", model=name, le=repr(mine[0]["threshold"])) == [ok]
+        assert samples(families, "vad_inference_seconds_count", model=name) == [len(mine) + (name != odd)]
+    assert samples(families, "vad_verdicts_total", model="tiles-padim", verdict="error") == [1]
+    q = np.sort(models[odd].held_out_scores.numpy())[-1]  # 20 held out: the 20th of 20
+    assert samples(families, "vad_drift_window_above", model=odd) == [sum(a["score"] > q for a in answers[3:])]
+    assert samples(families, "vad_drift_window_verdicts", model=odd) == [24]
+    assert samples(families, "vad_drift", model=odd) == [1]
+    assert samples(families, "vad_drift", model="tiles-padim") == [0]
 
 # -----------------------------------------------------------------------------
 # GPU (skipped without CUDA)
