@@ -1770,10 +1770,34 @@ def test_contract_layouts_are_recognised_and_labelled_folders_refused(tmp_path):
                         ("masks", ["good/0.png", "ground_truth/0_mask.png"]), ("defects", ["a/0.png", "a/Defect_3/1.png"]),
                         ("no train/good", ["train/ok_not/0.png", "test/bad/1.png"])]:
         root = tree(tmp_path / name, files)
-        with pytest.raises(vad.VadError, match="looks like labelled test data"):
+        with pytest.raises(vad.VadError, match="labelled"):  # a labelled split (ok/ beside ko/) names ok/
             vad.read_dataset(root)
         r = cli("fit", "--model", "padim", "--data", root, *TINY)
         assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "good images only" in r.stderr
+
+
+def test_contract_labelled_splits_are_refused_naming_the_normal_folder(tmp_path):
+    # Issue 21: MVTec's test/ (good/ beside defect classes) and ok/ beside ng/, at any
+    # depth of the recursive read, are refused with exit 2 and nothing written.
+    image = np.full((40, 40, 3), 128.0)
+    cases = {"mvtec-test": (["good/0.png", "good/1.png", "broken_large/2.png", "contamination/3.png"], "good"),
+             "line": (["day1/OK/0.png", "day1/OK/1.png", "day1/NG/2.png"], "day1/OK"),
+             "layout": (["train/good/0.png", "train/good/Pass/1.png", "train/good/scratch/2.png"],
+                        "train/good/Pass")}
+    for name, (files, normal) in cases.items():
+        for f in files:
+            save_png(image, tmp_path / name / f)
+        before = sorted(tmp_path.rglob("*"))
+        r = cli("fit", "--model", "padim", "--data", tmp_path / name, "--out", tmp_path / f"{name}.pt", *TINY)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and not r.stdout, r.output
+        assert f"point --data at {tmp_path / name / normal} " in r.stderr and "labelled split" in r.stderr
+        assert sorted(tmp_path.rglob("*")) == before
+    for i, files in enumerate((["good/0.png", "good/1.png"], ["ok/0.png", "ok/1.png", "notes/readme.txt"])):
+        root = tmp_path / "alone" / str(i)  # a normal folder beside no other folder of images still fits
+        for f in files:
+            save_png(image, root / f) if f.endswith(".png") else (root / f).parent.mkdir(parents=True) or \
+                (root / f).write_text("text")
+        assert len(vad.read_dataset(root).train) == 2
 
 
 def test_contract_non_images_are_skipped_with_one_warning(dataset, tmp_path):

@@ -2211,6 +2211,7 @@ LAYOUTS = [
      lambda root, folder, path: root / "ground_truth" / folder.name / f"{path.stem}.png"),
 ]
 LABELLED = ("test", "test_public", "ground_truth", "validation", "ko", "ng", "bad", "defect*", "anomal*")
+NORMAL_NAMES = ("good", "ok", "normal", "pass")  # a labelled split's normal class, in any case (issue 21)
 VISA_SPLIT = "split_csv/1cls.csv"  # VisA's 1-class split, beside its categories: object,split,label,image,mask
 MAX_SPLIT_BYTES = 64 * 2**20
 
@@ -2257,6 +2258,26 @@ def read_visa(root):
     return dataset
 
 
+def check_unlabelled(folder, root):
+    """Refuse a folder read recursively as good images if, at any depth, a folder in it
+    holds a normal-named subfolder (NORMAL_NAMES) beside other folders of images: that is
+    a labelled split (MVTec's test/, ok/ beside ng/), whose other classes are defects."""
+    holds_images, children = set(), collections.defaultdict(list)
+    for top, dirs, files in os.walk(folder, topdown=False, followlinks=True):
+        top = Path(top)
+        if any(is_image(f) for f in files) or any(top / d in holds_images for d in dirs):
+            holds_images.add(top)
+        children[top] = sorted(top / d for d in dirs)
+    for parent in sorted(children):
+        normal = [d for d in children[parent] if d.name.lower() in NORMAL_NAMES]
+        others = [d for d in children[parent] if d in holds_images and d not in normal]
+        if normal and others:
+            raise VadError(f"--data {root}: {parent} is a labelled split ({normal[0].name}/ beside "
+                           f"{', '.join(d.name + '/' for d in others[:3])}{' ...' if len(others) > 3 else ''}), "
+                           f"whose other folders hold defects; point --data at {normal[0]} to fit on its good "
+                           f"images only")
+
+
 def read_dataset(root):
     """A category folder in a known layout (LAYOUTS: MVTec AD, MVTec AD 2, BTech; or VisA,
     by the split file beside it) with its labelled test images and masks, or a plain
@@ -2273,6 +2294,7 @@ def read_dataset(root):
         if (root / train).is_dir() and (layout != "MVTec AD 2" or (root / "test_public").is_dir()):
             break
     else:
+        check_unlabelled(root, root)
         labelled = sorted(p for p in root.rglob("*") if p.is_dir() and any(fnmatch.fnmatch(p.name.lower(), pattern)
                                                                           for pattern in LABELLED))
         if labelled:
@@ -2284,6 +2306,7 @@ def read_dataset(root):
             raise VadError(f"--data {root}: no images found (expected {', '.join(IMAGE_EXTENSIONS)} files, "
                            f"or train/good/)")
         return Dataset(root, images)
+    check_unlabelled(root / train, root)
     dataset = Dataset(root, list_images(root / train), layout=layout)
     if not dataset.train:
         raise VadError(f"--data {root}: {train}/ holds no images")
