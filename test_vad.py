@@ -1548,9 +1548,9 @@ def test_cli_fit_score_bench(dataset, tmp_path):
     r = cli("score", model, *tests, "-q")
     assert r.exit_code == 0, r.output
     lines = [line.split("\t") for line in r.stdout.splitlines()]
-    assert [Path(p) for p, _, _ in lines] == tests  # one line per image, input order
-    assert {v for _, _, v in lines} <= {"ok", "anomalous"}
-    scores = np.array([float(s) for _, s, _ in lines])
+    assert [Path(p) for p, _, _, _ in lines] == tests  # one line per image, input order
+    assert {v for _, _, v, _ in lines} <= {"ok", "anomalous"}
+    scores = np.array([float(s) for _, s, _, _ in lines])
     assert vad.auroc(scores, vad.read_dataset(dataset).labels) >= 0.9
 
     r = cli("bench", "--model", "padim", "--data", dataset, "--json", tmp_path / "b.json", *TINY, "-s", "d=40")
@@ -1688,7 +1688,7 @@ def test_cli_score_shards_cover_every_input_once_in_order(model_file, dataset):
         assert all(r.exit_code == 0 for r in parts)
         joined = [line.split("\t") for r in parts for line in r.stdout.splitlines()]
         expected = [line.split("\t") for line in whole.stdout.splitlines()]
-        assert [(p, v) for p, _, v in joined] == [(p, v) for p, _, v in expected]
+        assert [(p, v) for p, _, v, _ in joined] == [(p, v) for p, _, v, _ in expected]
         np.testing.assert_allclose([float(s) for _, s, _ in joined], [float(s) for _, s, _ in expected], rtol=1e-5)
         assert max(len(r.stdout.splitlines()) for r in parts) - min(len(r.stdout.splitlines()) for r in parts) <= 1
     for bad in ("3/3", "1/0", "a/b", "-1/2", "1"):
@@ -2232,7 +2232,7 @@ def test_contract_tsv_paths_are_escaped_and_stdin_can_be_nul_separated(model_fil
     r = cli("score", model_file, *paths, "-q")
     assert r.exit_code == 0 and len(r.stdout.splitlines()) == 4
     rows = [line.split("\t") for line in r.stdout.splitlines()]
-    assert all(len(row) == 3 for row in rows)
+    assert all(len(row) == 4 for row in rows)
     assert rows[0][0] == str(paths[0]).replace("\t", "\\t") and rows[1][0].endswith("new\\nline.png")
     assert rows[2][0].endswith("back\\\\slash.png")
     r = cli("score", model_file, "-", "-0", "--json", "-q", input="\0".join(map(str, paths)).encode() + b"\0")
