@@ -1197,6 +1197,96 @@ def test_calibration_thresholds_against_brute_force():
                                                                "bad_missed": 0}
 
 
+def test_frr_upper_bound_is_the_clopper_pearson_beta_quantile():
+    import scipy.stats
+
+    for k, n in [(0, 1), (0, 20), (1, 20), (3, 50), (19, 20), (10, 1000), (0, 299), (250, 10000)]:
+        assert vad.frr_upper_bound(k, n) == pytest.approx(scipy.stats.beta.ppf(0.95, k + 1, n - k), rel=1e-9)
+    assert vad.frr_upper_bound(20, 20) == 1.0 and round(vad.frr_upper_bound(0, 20), 3) == 0.139  # the issue's 14%
+    for frr in (0.05, 0.01, 0.001):  # the fewest images, none rejected, whose bound reaches frr
+        n = vad.images_needed(frr)
+        assert scipy.stats.beta.ppf(0.95, 1, n) <= frr < scipy.stats.beta.ppf(0.95, 1, n - 1)
+
+
+def test_tail_threshold_exceedance_is_the_target_on_known_distributions():
+    # Scores drawn from distributions with an exponential tail (Gumbel: maxima; shifted
+    # exponential): the placed threshold's true exceedance (the known survival function)
+    # is the target in the median over seeds; a lighter (normal) tail gives a higher,
+    # safe threshold.
+    import scipy.stats
+
+    target = 0.01
+    for dist, n, low, high in [(scipy.stats.gumbel_r(10, 2), 20, 0.006, 0.016),
+                               (scipy.stats.gumbel_r(10, 2), 200, 0.005, 0.012),
+                               (scipy.stats.expon(5, 3), 20, 0.008, 0.02), (scipy.stats.expon(5, 3), 200, 0.008, 0.0125),
+                               (scipy.stats.norm(10, 1), 50, 0, target)]:
+        rng = np.random.default_rng(0)
+        exceedance = [dist.sf(vad.tail_threshold(dist.rvs(n, random_state=rng), target)) for _ in range(200)]
+        assert low <= np.median(exceedance) <= high, (dist.dist.name, n, np.median(exceedance))
+    scores = [1.0, 2.0, 3.0, 4.0, 10.0]  # median 3; excess 1 and 7 (mean 4) in 2 of 5: 3 + 4 ln(0.4 / 0.01)
+    assert vad.tail_threshold(scores, 0.01) == pytest.approx(3 + 4 * math.log(40))
+
+
+def test_cli_calibrate_states_the_rate_and_extrapolates_only_with_a_warning(model_file, dataset, tmp_path):
+    import scipy.stats
+
+    good = dataset / "test" / "good"
+    model = vad.load(model_file)
+    scores = np.array([r.score for r in vad.score_files(model, list_of(vad.read_dataset(dataset), 0), desc=None)])
+    r = cli("calibrate", model_file, "--good", good, "--out", tmp_path / "tail.pt", "-q")  # 6 images, 1%
+    assert r.exit_code == 0, r.output
+    assert "6 good images cannot support a false-reject rate of 0.01" in r.stderr and "at least 299" in r.stderr
+    u = np.median(scores)
+    expected = u + (scores[scores > u] - u).mean() * math.log((scores > u).mean() / 0.01)
+    calibrated = vad.load(tmp_path / "tail.pt")
+    assert float(calibrated.threshold) == pytest.approx(expected) and expected > scores.max()
+    bound = scipy.stats.beta.ppf(0.95, 1, 6)
+    assert f"0 of 6 good images above the threshold (0.0%); at most {bound:.1%}" in r.stdout
+    assert calibrated.info["frr_rejected"] == 0 and calibrated.info["frr_bound"] == pytest.approx(bound, abs=1e-6)
+    assert [e["event"] for e in json.loads(calibrated.info["history"])] == ["fit", "calibrate"]
+    r = cli("calibrate", model_file, "--good", good, "--target-frr", 0.5, "--out", tmp_path / "low.pt", "-q")
+    assert r.exit_code == 0 and "cannot support" not in r.stderr  # 5 images bound 50%: 6 suffice
+    t = vad.threshold_for_frr(scores, 0.5)
+    k = int((scores > t).sum())
+    assert f"{k} of 6 good images" in r.stdout and f"at most {scipy.stats.beta.ppf(0.95, k + 1, 6 - k):.1%}" in r.stdout
+    assert ("below the one fit set" in r.stderr) == (t < float(model.threshold))
+    assert t < float(model.threshold)  # the tiny model's held-out threshold sits above half the good images
+
+
+@pytest.mark.parametrize("name", list(vad.DETECTORS))
+def test_verdict_and_regions_agree_with_threshold_and_after_calibrate(name, fitted, dataset, tmp_path):
+    # Issue 21: an ok image has no defect region, an anomalous one at least one, for
+    # every detector, whatever set the image threshold (--threshold, calibrate, serve).
+    vad.save(fitted[name], tmp_path / "m.pt")
+    tests = vad.read_dataset(dataset).test
+    scores = sorted(r.score for r in vad.score_files(fitted[name], tests, desc=None))
+    runs = [cli("score", tmp_path / "m.pt", *tests, "--json", "-q", "--threshold", t) for t in
+            (scores[len(scores) // 3], scores[2 * len(scores) // 3])]
+    r = cli("calibrate", tmp_path / "m.pt", "--good", dataset / "test" / "good", "--target-frr", 0.5, "-q")
+    assert r.exit_code == 0, r.output
+    runs.append(cli("score", tmp_path / "m.pt", *tests, "--json", "-q"))
+    records = [json.loads(line) for run in runs for line in run.stdout.splitlines()]
+    assert len(records) == 3 * len(tests) and {"ok", "anomalous"} == {x["verdict"] for x in records}
+    for x in records:
+        assert (x["verdict"] == "ok") == (x["region_count"] == 0), x
+        assert x["margin"] == pytest.approx(x["score"] - x["threshold"], abs=1e-9)
+    with serving({"m": vad.load(tmp_path / "m.pt")}) as (srv, _):
+        for path in tests:
+            x = srv.inspect("m", path.read_bytes())
+            assert (x["verdict"] == "ok") == (x["region_count"] == 0) and x["margin"] == x["score"] - x["threshold"]
+    r = cli("score", tmp_path / "m.pt", *tests, "--json", "-q", "--pixel-threshold", -1e9)  # asked otherwise
+    assert all(json.loads(line)["region_count"] == 1 for line in r.stdout.splitlines())
+
+
+def test_region_level_hand_computed():
+    m = np.array([[0.0, 1.0, 3.0], [np.nan, 2.0, 0.5]], dtype=np.float32)
+    assert vad.region_level(m, False, 0.5, 0.0) is None  # ok: no region, whatever the map
+    assert vad.region_level(m, True, 2.5, 0.0) == 2.5  # the peak 3 is above the pixel threshold
+    assert vad.region_level(m, True, 5.0, 1.0) == 2.0  # under it: half-way from low 1 to the peak 3
+    level = vad.region_level(m, True, 5.0, 4.0)  # a peak under the normal level: the peak alone
+    assert vad.defect_mask(m, level).sum() == 1 and vad.defect_mask(m, None).sum() == 0
+
+
 def test_defect_regions_against_a_hand_made_map_and_a_flood_fill():
     m = np.zeros((12, 16), dtype=np.float32)
     m[1:4, 1:5] = 2.0  # region A: 12 px, peak 3 at (2, 3)

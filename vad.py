@@ -1917,6 +1917,7 @@ def load(path, device="cpu", precision="model"):
     except Exception as e:
         raise VadError(f"{path} is not a valid vad model ({type(e).__name__}: {e}); fit it again") from None
     detector.info, detector.sha256 = checkpoint["info"], checkpoint["sha256"]
+    detector.vad_version = str(checkpoint["vad_version"])[:100]  # that wrote it (vad.py info)
     detector = detector.to(pick_device(device)).eval()
     return detector.set_precision(checkpoint["precision"] if precision == "model" else
                                   pick_precision(precision, detector.device))
@@ -3242,6 +3243,7 @@ class OnnxModel:
         rule = meta["image_score"]
         self.top_k = 1 if rule == "max" else int(rule.split(":")[1])
         self.info = meta["info"]
+        self.vad_version, self.sha256, self.parity = meta["vad_version"], meta["source_sha256"], meta["parity"]
         self.runtime_version = ort.__version__
 
     def _check(self, meta):
@@ -3620,10 +3622,12 @@ def region_level(anomaly_map, anomalous, pixel_threshold, low):
     if not anomalous:
         return None
     finite = anomaly_map[np.isfinite(anomaly_map)]
-    peak = float(finite.max()) if finite.size else -math.inf
-    if peak > pixel_threshold or not finite.size:
+    if not finite.size or finite.max() > pixel_threshold:
         return pixel_threshold
-    return (low + peak) / 2 if peak > low else float(np.nextafter(peak, -np.inf))
+    peak = finite.max()
+    level = (low + float(peak)) / 2
+    # compared in the map's own dtype (NumPy 2 casts a Python float to it): below the peak there
+    return level if finite.dtype.type(level) < peak else float(np.nextafter(peak, finite.dtype.type(-np.inf)))
 
 
 def defect_mask(anomaly_map, pixel_threshold):
@@ -5057,6 +5061,104 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
     click.echo(frr_text(detector.info))
     run_api(save, detector, out)
     note(f"wrote {out}")
+
+
+def update_support(name, config):
+    """What `fit --update` does with a model of this kind (vad.py info)."""
+    # MERGE(issue 21): PaDiM without updatable=true: wire to the other branch's function
+    # that says whether the file supports exact or fp32-rounding updates.
+    if name == "patchcore":
+        return "yes: the new images' patches join the bank as if fit had seen them"
+    if name == "padim":
+        return ("yes, exact: fit's fp64 sums are kept (updatable=true)" if getattr(config, "updatable", False)
+                else "to fp32 rounding of the Gaussians (updatable=false)")
+    return "no: a trained network learns new images only by fitting again on all of them"
+
+
+def model_card(model, path):
+    """What a model file (.pt, or an .onnx from export) is, for vad.py info: everything
+    recorded in it, read through load_model's checks only."""
+    info, onnx = model.info, isinstance(model, OnnxModel)
+
+    def recorded(key):
+        return info.get(key, "not recorded")
+    try:
+        settings = json.loads(info["settings"]) if onnx else dataclasses.asdict(model.config)
+    except (KeyError, TypeError, ValueError):
+        settings = "not recorded"
+    rejected, images = info.get("frr_rejected"), info.get("frr_images")
+    known = type(rejected) is int and type(images) is int and 0 <= rejected <= images > 0
+    return {
+        "file": str(path),
+        "format": f"{ONNX_FORMAT} {ONNX_FORMAT_VERSION} (ONNX Runtime)" if onnx else f"{FORMAT_NAME} {FORMAT_VERSION}",
+        "vad_version": model.vad_version,
+        "sha256": model.sha256 if not onnx else None,
+        "source_sha256": model.sha256 if onnx else None,
+        "detector": model.name,
+        "backbone": getattr(model.config, "backbone", None),
+        "weights": {"setting": recorded("weights"), "file": info.get("weights_file"),
+                    "sha256": info.get("weights_sha256")},
+        "settings": settings,
+        "framing": dataclasses.asdict(model.framing),
+        "input_size": list(model.input_size),
+        "precision": model.precision,
+        "thresholds": {"image": float(model.threshold), "pixel": float(model.pixel_threshold),
+                       "rule": info.get("calibrated", info.get("threshold_rule", HELD_OUT_RULE)),
+                       "pixel_rule": f"{HELD_OUT_RULE} of each held-out map's maximum; regions only on anomalous "
+                                     f"images, at least one each (README: Thresholds and defect regions)"},
+        "false_reject": {"rejected": rejected, "images": images, "rate": rejected / images,
+                         "upper_bound": info.get("frr_bound"), "confidence": CONFIDENCE} if known else None,
+        "training": {"data": recorded("data"), "layout": recorded("layout"), "images": recorded("images"),
+                     "held_out": recorded("held_out"), "added": recorded("added"), "seed": recorded("seed"),
+                     "holdout": recorded("holdout"), "fingerprint": recorded("data_fingerprint")},
+        "history": read_history(info),
+        "history_dropped": info.get("history_dropped", 0),
+        "update": update_support(model.name, model.config) if not onnx else "no: update the .pt, then export again",
+        "export_parity": model.parity if onnx else None,
+    }
+
+
+@cli.command("info")
+@click.argument("model_file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+def info_command(model_file, as_json):
+    """Show what a model file is: detector, backbone and weights, settings, framing,
+    precision, both thresholds and the rule that set them, the false-reject rate they
+    imply with its 95% upper bound, the training data (layout, folder, count and a
+    fingerprint of its file list), calibrations and updates in order, and, for an
+    .onnx, the export's parity check. Reads the file through the checks score applies.
+
+    \b
+      python vad.py info bottle-padim.pt
+      python vad.py info bottle-padim.onnx --json
+    """
+    _verbosity(True)
+    card = model_card(run_api(load_model, model_file), model_file)
+    if as_json:
+        click.echo(json.dumps(card))
+        return
+    t, frr, data, w = card["thresholds"], card["false_reject"], card["training"], card["weights"]
+    lines = [f"file: {card['file']} ({card['format']}, written by vad {card['vad_version']})",
+             f"detector: {card['detector']}, backbone {card['backbone'] or '-'}, {card['precision']}",
+             f"weights: {w['setting']}" + (f" ({w['file']}, sha256 {w['sha256'] or 'unknown'})" if w["file"] else ""),
+             f"settings: {json.dumps(card['settings'])}",
+             f"framing: {json.dumps(card['framing'])}, input {card['input_size'][0]}x{card['input_size'][1]}",
+             f"image threshold: {t['image']:.6g} ({t['rule']})",
+             f"pixel threshold: {t['pixel']:.6g} ({t['pixel_rule']})",
+             frr_text(card["false_reject"] and {"frr_rejected": frr["rejected"], "frr_images": frr["images"],
+                                                "frr_bound": frr["upper_bound"]} or {}),
+             f"training data: {data['data']} ({data['layout']}), {data['images']} images fitted, "
+             f"{data['held_out']} held out, {data['added']} added; fingerprint {data['fingerprint']}"]
+    lines += [f"history {i}: " + ", ".join(f"{k} {v}" for k, v in e.items())
+              for i, e in enumerate(card["history"], card["history_dropped"] + 1)]
+    lines.append(f"update: {card['update']}")  # MERGE(issue 21): see update_support
+    if card["export_parity"] is not None:
+        lines.append(f"export parity: {card['export_parity']}")
+    if card["source_sha256"]:
+        lines.append(f"exported from: the .pt with sha256 {card['source_sha256']}")
+    elif card["sha256"]:
+        lines.append(f"sha256: {card['sha256']}")
+    click.echo("\n".join(lines))
 
 
 @cli.command("export")
