@@ -1480,6 +1480,49 @@ def test_crafted_onnx_files_are_refused_in_one_line(exported, dataset, tmp_path)
         assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_cli_info_shows_what_a_model_is_and_how_its_thresholds_were_set(dataset, exported, fitted, tmp_path):
+    import scipy.stats
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    train = vad.read_dataset(dataset).train
+    old, new = copy_images(train[:10], tmp_path / "old"), copy_images(train[10:14], tmp_path / "new")
+    model = tmp_path / "m.pt"
+    r = cli("fit", "--model", "padim", "--data", old, *TINY[:2], "--weights", tmp_path / "r18.pth", *TINY[4:],
+            "-s", "d=20", "-s", "updatable=true", "--out", model)
+    assert r.exit_code == 0, r.output
+    assert cli("calibrate", model, "--good", dataset / "test" / "good", "--target-frr", 0.5, "-q").exit_code == 0
+    assert cli("fit", "--update", model, "--data", new, "-q").exit_code == 0
+    r = cli("info", model, "--json")
+    assert r.exit_code == 0 and not r.stderr, r.output
+    card, detector = json.loads(r.stdout), vad.load(model)
+    assert card["detector"] == "padim" and card["backbone"] == "resnet18" and card["precision"] == "fp32"
+    assert card["weights"]["file"] == "r18.pth"
+    assert card["weights"]["sha256"] == hashlib.sha256((tmp_path / "r18.pth").read_bytes()).hexdigest()
+    assert card["settings"]["d"] == 20 and card["settings"]["updatable"] is True and "exact" in card["update"]
+    assert card["thresholds"]["image"] == float(detector.threshold)
+    assert card["thresholds"]["pixel"] == float(detector.pixel_threshold)
+    assert card["thresholds"]["rule"].startswith("held-out")  # the update set it again from the held-out images
+    held = detector.held_out_scores.numpy()  # fit's 1 held-out image and the update's
+    k = int((held > float(detector.threshold)).sum())
+    assert card["false_reject"]["images"] == len(held) == 2 and card["false_reject"]["rejected"] == k == 0
+    assert card["false_reject"]["upper_bound"] == pytest.approx(scipy.stats.beta.ppf(0.95, k + 1, 2 - k), abs=1e-6)
+    names = "".join(f"{p.name}|{p.stat().st_size}\n" for p in sorted(old.iterdir()))
+    assert card["training"]["fingerprint"] == hashlib.sha256(names.encode()).hexdigest()
+    assert card["training"]["layout"] == "folder of good images" and card["training"]["images"] == 9 + 4 - 1
+    assert [e["event"] for e in card["history"]] == ["fit", "calibrate", "update"]
+    assert card["sha256"] == torch.load(model, weights_only=True)["sha256"] and card["export_parity"] is None
+    text = cli("info", model).stdout
+    assert "at most 77.6% with 95% confidence" in text and "history 3: event update" in text  # 1 - 0.05^(1/2)
+    r = cli("info", exported["patchcore"], "--json")
+    assert r.exit_code == 0, r.output
+    card = json.loads(r.stdout)
+    assert card["detector"] == "patchcore" and "ONNX" in card["format"] and "ONNX Runtime" in card["export_parity"]
+    assert card["settings"] == json.loads(json.dumps(vad.dataclasses.asdict(fitted["patchcore"].config)))
+    assert card["source_sha256"] is None and card["thresholds"]["image"] == pytest.approx(float(fitted["patchcore"].threshold))
+    assert cli("info", tmp_path / "missing.pt").exit_code == 2
+
+
 def test_export_extras_missing_is_one_line(model_file, dataset, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as when not installed
     for args in (("export", model_file), ("score", model_file.with_suffix(".onnx"), vad.read_dataset(dataset).test[0])):
