@@ -22,6 +22,7 @@ Usage:
     python vad.py fit --update bottle-patchcore.pt --data line3/new_good   # add normal images
     python vad.py serve bottle-padim.pt                            # browser page + JSON API
     python vad.py calibrate bottle-padim.pt --good line3/ok --target-frr 0.005
+    python vad.py info bottle-padim.pt                             # what a model is, its thresholds' error rate
     python vad.py export bottle-padim.pt                           # -> bottle-padim.onnx (pip install onnx onnxruntime)
     python vad.py score bottle-padim.onnx images/*.png --shard 0/4   # ONNX Runtime; the first of 4 slices
 
@@ -51,7 +52,7 @@ Contents (in file order):
     Bench                   bench and the embedded synthetic set
     Heat maps, Serving      overlays, defect masks and regions; the upload-and-inspect page and JSON endpoint
     Plumbing                progress bars, stage timers, prefetching, peak memory, atomic writes
-    CLI                     fit, score, calibrate, export, bench, serve
+    CLI                     fit, score, calibrate, info, export, bench, serve
 
 References:
     Report      "Visual Anomaly Detection and Segmentation for Industrial Inspection"
