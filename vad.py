@@ -5084,11 +5084,14 @@ def model_card(model, path):
     def recorded(key):
         return info.get(key, "not recorded")
     try:
-        settings = json.loads(info["settings"]) if onnx else dataclasses.asdict(model.config)
+        settings = json.loads(info["settings"], parse_constant=_not_finite) if onnx else \
+            dataclasses.asdict(model.config)
     except (KeyError, TypeError, ValueError):
         settings = "not recorded"
-    rejected, images = info.get("frr_rejected"), info.get("frr_images")
-    known = type(rejected) is int and type(images) is int and 0 <= rejected <= images > 0
+    rejected, images, bound = info.get("frr_rejected"), info.get("frr_images"), info.get("frr_bound")
+    known = type(rejected) is int and type(images) is int and 0 <= rejected <= images > 0 \
+        and type(bound) is float and 0 <= bound <= 1  # a crafted info is shown as not recorded, never trusted
+    dropped = info.get("history_dropped", 0)
     return {
         "file": str(path),
         "format": f"{ONNX_FORMAT} {ONNX_FORMAT_VERSION} (ONNX Runtime)" if onnx else f"{FORMAT_NAME} {FORMAT_VERSION}",
@@ -5108,12 +5111,12 @@ def model_card(model, path):
                        "pixel_rule": f"{HELD_OUT_RULE} of each held-out map's maximum; regions only on anomalous "
                                      f"images, at least one each (README: Thresholds and defect regions)"},
         "false_reject": {"rejected": rejected, "images": images, "rate": rejected / images,
-                         "upper_bound": info.get("frr_bound"), "confidence": CONFIDENCE} if known else None,
+                         "upper_bound": bound, "confidence": CONFIDENCE} if known else None,
         "training": {"data": recorded("data"), "layout": recorded("layout"), "images": recorded("images"),
                      "held_out": recorded("held_out"), "added": recorded("added"), "seed": recorded("seed"),
                      "holdout": recorded("holdout"), "fingerprint": recorded("data_fingerprint")},
         "history": read_history(info),
-        "history_dropped": info.get("history_dropped", 0),
+        "history_dropped": dropped if type(dropped) is int and dropped >= 0 else 0,
         "update": update_support(model.name, model.config) if not onnx else "no: update the .pt, then export again",
         "export_parity": model.parity if onnx else None,
     }
@@ -5135,8 +5138,12 @@ def info_command(model_file, as_json):
     """
     _verbosity(True)
     card = model_card(run_api(load_model, model_file), model_file)
+    try:
+        text = json.dumps(card, allow_nan=False)
+    except ValueError:  # load checks the info's types, not that its numbers are finite
+        raise CliError(f"{model_file} records NaN or an infinite number in its info; fit it again") from None
     if as_json:
-        click.echo(json.dumps(card))
+        click.echo(text)
         return
     t, frr, data, w = card["thresholds"], card["false_reject"], card["training"], card["weights"]
     lines = [f"file: {card['file']} ({card['format']}, written by vad {card['vad_version']})",
