@@ -4763,7 +4763,8 @@ def fit_command(model, data, out, force, update_file, quiet, **options):
         detector = run_api(load, update_file, options["device"])
         run_api(update, detector, data, options["batch_size"])
         run_api(save, detector, out)
-        note(f"{detector.info['added']} images added since fit, threshold {float(detector.threshold):.4g}")
+        note(f"{detector.info['added']} images added since fit, threshold {float(detector.threshold):.4g}; "
+             f"{frr_text(detector.info)}, on the {len(detector.held_out_scores)} held-out images")
         click.echo(str(out))
         return
     if data is None:
