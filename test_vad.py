@@ -1822,7 +1822,7 @@ def test_cli_score_shards_cover_every_input_once_in_order(model_file, dataset):
         joined = [line.split("\t") for r in parts for line in r.stdout.splitlines()]
         expected = [line.split("\t") for line in whole.stdout.splitlines()]
         assert [(p, v) for p, _, v, _ in joined] == [(p, v) for p, _, v, _ in expected]
-        np.testing.assert_allclose([float(s) for _, s, _ in joined], [float(s) for _, s, _ in expected], rtol=1e-5)
+        np.testing.assert_allclose([float(s) for _, s, _, _ in joined], [float(s) for _, s, _, _ in expected], rtol=1e-5)
         assert max(len(r.stdout.splitlines()) for r in parts) - min(len(r.stdout.splitlines()) for r in parts) <= 1
     for bad in ("3/3", "1/0", "a/b", "-1/2", "1"):
         r = cli("score", model_file, dataset / "test", "--shard", bad)
