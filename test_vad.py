@@ -1251,6 +1251,96 @@ def test_calibration_thresholds_against_brute_force():
                                                                "bad_missed": 0}
 
 
+def test_frr_upper_bound_is_the_clopper_pearson_beta_quantile():
+    import scipy.stats
+
+    for k, n in [(0, 1), (0, 20), (1, 20), (3, 50), (19, 20), (10, 1000), (0, 299), (250, 10000)]:
+        assert vad.frr_upper_bound(k, n) == pytest.approx(scipy.stats.beta.ppf(0.95, k + 1, n - k), rel=1e-9)
+    assert vad.frr_upper_bound(20, 20) == 1.0 and round(vad.frr_upper_bound(0, 20), 3) == 0.139  # the issue's 14%
+    for frr in (0.05, 0.01, 0.001):  # the fewest images, none rejected, whose bound reaches frr
+        n = vad.images_needed(frr)
+        assert scipy.stats.beta.ppf(0.95, 1, n) <= frr < scipy.stats.beta.ppf(0.95, 1, n - 1)
+
+
+def test_tail_threshold_exceedance_is_the_target_on_known_distributions():
+    # Scores drawn from distributions with an exponential tail (Gumbel: maxima; shifted
+    # exponential): the placed threshold's true exceedance (the known survival function)
+    # is the target in the median over seeds; a lighter (normal) tail gives a higher,
+    # safe threshold.
+    import scipy.stats
+
+    target = 0.01
+    for dist, n, low, high in [(scipy.stats.gumbel_r(10, 2), 20, 0.006, 0.016),
+                               (scipy.stats.gumbel_r(10, 2), 200, 0.005, 0.012),
+                               (scipy.stats.expon(5, 3), 20, 0.008, 0.02), (scipy.stats.expon(5, 3), 200, 0.008, 0.0125),
+                               (scipy.stats.norm(10, 1), 50, 0, target)]:
+        rng = np.random.default_rng(0)
+        exceedance = [dist.sf(vad.tail_threshold(dist.rvs(n, random_state=rng), target)) for _ in range(200)]
+        assert low <= np.median(exceedance) <= high, (dist.dist.name, n, np.median(exceedance))
+    scores = [1.0, 2.0, 3.0, 4.0, 10.0]  # median 3; excess 1 and 7 (mean 4) in 2 of 5: 3 + 4 ln(0.4 / 0.01)
+    assert vad.tail_threshold(scores, 0.01) == pytest.approx(3 + 4 * math.log(40))
+
+
+def test_cli_calibrate_states_the_rate_and_extrapolates_only_with_a_warning(model_file, dataset, tmp_path):
+    import scipy.stats
+
+    good = dataset / "test" / "good"
+    model = vad.load(model_file)
+    scores = np.array([r.score for r in vad.score_files(model, list_of(vad.read_dataset(dataset), 0), desc=None)])
+    r = cli("calibrate", model_file, "--good", good, "--out", tmp_path / "tail.pt", "-q")  # 6 images, 1%
+    assert r.exit_code == 0, r.output
+    assert "6 good images cannot support a false-reject rate of 0.01" in r.stderr and "at least 299" in r.stderr
+    u = np.median(scores)
+    expected = u + (scores[scores > u] - u).mean() * math.log((scores > u).mean() / 0.01)
+    calibrated = vad.load(tmp_path / "tail.pt")
+    assert float(calibrated.threshold) == pytest.approx(expected) and expected > scores.max()
+    bound = scipy.stats.beta.ppf(0.95, 1, 6)
+    assert f"0 of 6 good images above the threshold (0.0%); at most {bound:.1%}" in r.stdout
+    assert calibrated.info["frr_rejected"] == 0 and calibrated.info["frr_bound"] == pytest.approx(bound, abs=1e-6)
+    assert [e["event"] for e in json.loads(calibrated.info["history"])] == ["fit", "calibrate"]
+    r = cli("calibrate", model_file, "--good", good, "--target-frr", 0.5, "--out", tmp_path / "low.pt", "-q")
+    assert r.exit_code == 0 and "cannot support" not in r.stderr  # 5 images bound 50%: 6 suffice
+    t = vad.threshold_for_frr(scores, 0.5)
+    k = int((scores > t).sum())
+    assert f"{k} of 6 good images" in r.stdout and f"at most {scipy.stats.beta.ppf(0.95, k + 1, 6 - k):.1%}" in r.stdout
+    assert ("below the one fit set" in r.stderr) == (t < float(model.threshold))
+    assert t < float(model.threshold)  # the tiny model's held-out threshold sits above half the good images
+
+
+@pytest.mark.parametrize("name", list(vad.DETECTORS))
+def test_verdict_and_regions_agree_with_threshold_and_after_calibrate(name, fitted, dataset, tmp_path):
+    # Issue 21: an ok image has no defect region, an anomalous one at least one, for
+    # every detector, whatever set the image threshold (--threshold, calibrate, serve).
+    vad.save(fitted[name], tmp_path / "m.pt")
+    tests = vad.read_dataset(dataset).test
+    scores = sorted(r.score for r in vad.score_files(fitted[name], tests, desc=None))
+    runs = [cli("score", tmp_path / "m.pt", *tests, "--json", "-q", "--threshold", t) for t in
+            (scores[len(scores) // 3], scores[2 * len(scores) // 3])]
+    r = cli("calibrate", tmp_path / "m.pt", "--good", dataset / "test" / "good", "--target-frr", 0.5, "-q")
+    assert r.exit_code == 0, r.output
+    runs.append(cli("score", tmp_path / "m.pt", *tests, "--json", "-q"))
+    records = [json.loads(line) for run in runs for line in run.stdout.splitlines()]
+    assert len(records) == 3 * len(tests) and {"ok", "anomalous"} == {x["verdict"] for x in records}
+    for x in records:
+        assert (x["verdict"] == "ok") == (x["region_count"] == 0), x
+        assert x["margin"] == pytest.approx(x["score"] - x["threshold"], abs=1e-9)
+    with serving({"m": vad.load(tmp_path / "m.pt")}) as (srv, _):
+        for path in tests:
+            x = srv.inspect("m", path.read_bytes())
+            assert (x["verdict"] == "ok") == (x["region_count"] == 0) and x["margin"] == x["score"] - x["threshold"]
+    r = cli("score", tmp_path / "m.pt", *tests, "--json", "-q", "--pixel-threshold", -1e9)  # asked otherwise
+    assert all(json.loads(line)["region_count"] == 1 for line in r.stdout.splitlines())
+
+
+def test_region_level_hand_computed():
+    m = np.array([[0.0, 1.0, 3.0], [np.nan, 2.0, 0.5]], dtype=np.float32)
+    assert vad.region_level(m, False, 0.5, 0.0) is None  # ok: no region, whatever the map
+    assert vad.region_level(m, True, 2.5, 0.0) == 2.5  # the peak 3 is above the pixel threshold
+    assert vad.region_level(m, True, 5.0, 1.0) == 2.0  # under it: half-way from low 1 to the peak 3
+    level = vad.region_level(m, True, 5.0, 4.0)  # a peak under the normal level: the peak alone
+    assert vad.defect_mask(m, level).sum() == 1 and vad.defect_mask(m, None).sum() == 0
+
+
 def test_defect_regions_against_a_hand_made_map_and_a_flood_fill():
     m = np.zeros((12, 16), dtype=np.float32)
     m[1:4, 1:5] = 2.0  # region A: 12 px, peak 3 at (2, 3)
@@ -1482,6 +1572,49 @@ def test_crafted_onnx_files_are_refused_in_one_line(exported, dataset, tmp_path)
         assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_cli_info_shows_what_a_model_is_and_how_its_thresholds_were_set(dataset, exported, fitted, tmp_path):
+    import scipy.stats
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    train = vad.read_dataset(dataset).train
+    old, new = copy_images(train[:10], tmp_path / "old"), copy_images(train[10:14], tmp_path / "new")
+    model = tmp_path / "m.pt"
+    r = cli("fit", "--model", "padim", "--data", old, *TINY[:2], "--weights", tmp_path / "r18.pth", *TINY[4:],
+            "-s", "d=20", "-s", "updatable=true", "--out", model)
+    assert r.exit_code == 0, r.output
+    assert cli("calibrate", model, "--good", dataset / "test" / "good", "--target-frr", 0.5, "-q").exit_code == 0
+    assert cli("fit", "--update", model, "--data", new, "-q").exit_code == 0
+    r = cli("info", model, "--json")
+    assert r.exit_code == 0 and not r.stderr, r.output
+    card, detector = json.loads(r.stdout), vad.load(model)
+    assert card["detector"] == "padim" and card["backbone"] == "resnet18" and card["precision"] == "fp32"
+    assert card["weights"]["file"] == "r18.pth"
+    assert card["weights"]["sha256"] == hashlib.sha256((tmp_path / "r18.pth").read_bytes()).hexdigest()
+    assert card["settings"]["d"] == 20 and card["settings"]["updatable"] is True and "exact" in card["update"]
+    assert card["thresholds"]["image"] == float(detector.threshold)
+    assert card["thresholds"]["pixel"] == float(detector.pixel_threshold)
+    assert card["thresholds"]["rule"].startswith("held-out")  # the update set it again from the held-out images
+    held = detector.held_out_scores.numpy()  # fit's 1 held-out image and the update's
+    k = int((held > float(detector.threshold)).sum())
+    assert card["false_reject"]["images"] == len(held) == 2 and card["false_reject"]["rejected"] == k == 0
+    assert card["false_reject"]["upper_bound"] == pytest.approx(scipy.stats.beta.ppf(0.95, k + 1, 2 - k), abs=1e-6)
+    names = "".join(f"{p.name}|{p.stat().st_size}\n" for p in sorted(old.iterdir()))
+    assert card["training"]["fingerprint"] == hashlib.sha256(names.encode()).hexdigest()
+    assert card["training"]["layout"] == "folder of good images" and card["training"]["images"] == 9 + 4 - 1
+    assert [e["event"] for e in card["history"]] == ["fit", "calibrate", "update"]
+    assert card["sha256"] == torch.load(model, weights_only=True)["sha256"] and card["export_parity"] is None
+    text = cli("info", model).stdout
+    assert "at most 77.6% with 95% confidence" in text and "history 3: event update" in text  # 1 - 0.05^(1/2)
+    r = cli("info", exported["patchcore"], "--json")
+    assert r.exit_code == 0, r.output
+    card = json.loads(r.stdout)
+    assert card["detector"] == "patchcore" and "ONNX" in card["format"] and "ONNX Runtime" in card["export_parity"]
+    assert card["settings"] == json.loads(json.dumps(vad.dataclasses.asdict(fitted["patchcore"].config)))
+    assert card["source_sha256"] is None and card["thresholds"]["image"] == pytest.approx(float(fitted["patchcore"].threshold))
+    assert cli("info", tmp_path / "missing.pt").exit_code == 2
+
+
 def test_export_extras_missing_is_one_line(model_file, dataset, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as when not installed
     for args in (("export", model_file), ("score", model_file.with_suffix(".onnx"), vad.read_dataset(dataset).test[0])):
@@ -1640,9 +1773,9 @@ def test_cli_fit_score_bench(dataset, tmp_path):
     r = cli("score", model, *tests, "-q")
     assert r.exit_code == 0, r.output
     lines = [line.split("\t") for line in r.stdout.splitlines()]
-    assert [Path(p) for p, _, _ in lines] == tests  # one line per image, input order
-    assert {v for _, _, v in lines} <= {"ok", "anomalous"}
-    scores = np.array([float(s) for _, s, _ in lines])
+    assert [Path(p) for p, _, _, _ in lines] == tests  # one line per image, input order
+    assert {v for _, _, v, _ in lines} <= {"ok", "anomalous"}
+    scores = np.array([float(s) for _, s, _, _ in lines])
     assert vad.auroc(scores, vad.read_dataset(dataset).labels) >= 0.9
 
     r = cli("bench", "--model", "padim", "--data", dataset, "--json", tmp_path / "b.json", *TINY, "-s", "d=40")
@@ -1781,8 +1914,8 @@ def test_cli_score_shards_cover_every_input_once_in_order(model_file, dataset):
         assert all(r.exit_code == 0 for r in parts)
         joined = [line.split("\t") for r in parts for line in r.stdout.splitlines()]
         expected = [line.split("\t") for line in whole.stdout.splitlines()]
-        assert [(p, v) for p, _, v in joined] == [(p, v) for p, _, v in expected]
-        np.testing.assert_allclose([float(s) for _, s, _ in joined], [float(s) for _, s, _ in expected], rtol=1e-5)
+        assert [(p, v) for p, _, v, _ in joined] == [(p, v) for p, _, v, _ in expected]
+        np.testing.assert_allclose([float(s) for _, s, _, _ in joined], [float(s) for _, s, _, _ in expected], rtol=1e-5)
         assert max(len(r.stdout.splitlines()) for r in parts) - min(len(r.stdout.splitlines()) for r in parts) <= 1
     for bad in ("3/3", "1/0", "a/b", "-1/2", "1"):
         r = cli("score", model_file, dataset / "test", "--shard", bad)
@@ -1933,10 +2066,34 @@ def test_contract_layouts_are_recognised_and_labelled_folders_refused(tmp_path):
                         ("masks", ["good/0.png", "ground_truth/0_mask.png"]), ("defects", ["a/0.png", "a/Defect_3/1.png"]),
                         ("no train/good", ["train/ok_not/0.png", "test/bad/1.png"])]:
         root = tree(tmp_path / name, files)
-        with pytest.raises(vad.VadError, match="looks like labelled test data"):
+        with pytest.raises(vad.VadError, match="labelled"):  # a labelled split (ok/ beside ko/) names ok/
             vad.read_dataset(root)
         r = cli("fit", "--model", "padim", "--data", root, *TINY)
         assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "good images only" in r.stderr
+
+
+def test_contract_labelled_splits_are_refused_naming_the_normal_folder(tmp_path):
+    # Issue 21: MVTec's test/ (good/ beside defect classes) and ok/ beside ng/, at any
+    # depth of the recursive read, are refused with exit 2 and nothing written.
+    image = np.full((40, 40, 3), 128.0)
+    cases = {"mvtec-test": (["good/0.png", "good/1.png", "broken_large/2.png", "contamination/3.png"], "good"),
+             "line": (["day1/OK/0.png", "day1/OK/1.png", "day1/NG/2.png"], "day1/OK"),
+             "layout": (["train/good/0.png", "train/good/Pass/1.png", "train/good/scratch/2.png"],
+                        "train/good/Pass")}
+    for name, (files, normal) in cases.items():
+        for f in files:
+            save_png(image, tmp_path / name / f)
+        before = sorted(tmp_path.rglob("*"))
+        r = cli("fit", "--model", "padim", "--data", tmp_path / name, "--out", tmp_path / f"{name}.pt", *TINY)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and not r.stdout, r.output
+        assert f"point --data at {tmp_path / name / normal} " in r.stderr and "labelled split" in r.stderr
+        assert sorted(tmp_path.rglob("*")) == before
+    for i, files in enumerate((["good/0.png", "good/1.png"], ["ok/0.png", "ok/1.png", "notes/readme.txt"])):
+        root = tmp_path / "alone" / str(i)  # a normal folder beside no other folder of images still fits
+        for f in files:
+            save_png(image, root / f) if f.endswith(".png") else (root / f).parent.mkdir(parents=True) or \
+                (root / f).write_text("text")
+        assert len(vad.read_dataset(root).train) == 2
 
 
 def test_contract_non_images_are_skipped_with_one_warning(dataset, tmp_path):
@@ -2394,7 +2551,7 @@ def test_contract_tsv_paths_are_escaped_and_stdin_can_be_nul_separated(model_fil
     r = cli("score", model_file, *paths, "-q")
     assert r.exit_code == 0 and len(r.stdout.splitlines()) == 4
     rows = [line.split("\t") for line in r.stdout.splitlines()]
-    assert all(len(row) == 3 for row in rows)
+    assert all(len(row) == 4 for row in rows)
     assert rows[0][0] == str(paths[0]).replace("\t", "\\t") and rows[1][0].endswith("new\\nline.png")
     assert rows[2][0].endswith("back\\\\slash.png")
     r = cli("score", model_file, "-", "-0", "--json", "-q", input="\0".join(map(str, paths)).encode() + b"\0")

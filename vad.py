@@ -22,6 +22,7 @@ Usage:
     python vad.py fit --update bottle-patchcore.pt --data line3/new_good   # add normal images
     python vad.py serve bottle-padim.pt                            # browser page + JSON API
     python vad.py calibrate bottle-padim.pt --good line3/ok --target-frr 0.005
+    python vad.py info bottle-padim.pt                             # what a model is, its thresholds' error rate
     python vad.py export bottle-padim.pt                           # -> bottle-padim.onnx (pip install onnx onnxruntime)
     python vad.py score bottle-padim.onnx images/*.png --shard 0/4   # ONNX Runtime; the first of 4 slices
 
@@ -51,7 +52,7 @@ Contents (in file order):
     Bench                   bench and the embedded synthetic set
     Heat maps, Serving      overlays, defect masks and regions; the upload-and-inspect page, JSON endpoint, /metrics
     Plumbing                progress bars, stage timers, prefetching, peak memory, atomic writes
-    CLI                     fit, score, calibrate, export, bench, serve
+    CLI                     fit, score, calibrate, info, export, bench, serve
 
 References:
     Report      "Visual Anomaly Detection and Segmentation for Industrial Inspection"
@@ -2102,6 +2103,7 @@ def load(path, device="cpu", precision="model"):
     except Exception as e:
         raise VadError(f"{path} is not a valid vad model ({type(e).__name__}: {e}); fit it again") from None
     detector.info, detector.sha256 = checkpoint["info"], checkpoint["sha256"]
+    detector.vad_version = str(checkpoint["vad_version"])[:100]  # that wrote it (vad.py info)
     detector = detector.to(pick_device(device)).eval()
     return detector.set_precision(checkpoint["precision"] if precision == "model" else
                                   pick_precision(precision, detector.device))
@@ -2392,6 +2394,7 @@ LAYOUTS = [
      lambda root, folder, path: root / "ground_truth" / folder.name / f"{path.stem}.png"),
 ]
 LABELLED = ("test", "test_public", "ground_truth", "validation", "ko", "ng", "bad", "defect*", "anomal*")
+NORMAL_NAMES = ("good", "ok", "normal", "pass")  # a labelled split's normal class, in any case (issue 21)
 VISA_SPLIT = "split_csv/1cls.csv"  # VisA's 1-class split, beside its categories: object,split,label,image,mask
 MAX_SPLIT_BYTES = 64 * 2**20
 
@@ -2440,6 +2443,26 @@ def read_visa(root):
     return dataset
 
 
+def check_unlabelled(folder, root):
+    """Refuse a folder read recursively as good images if, at any depth, a folder in it
+    holds a normal-named subfolder (NORMAL_NAMES) beside other folders of images: that is
+    a labelled split (MVTec's test/, ok/ beside ng/), whose other classes are defects."""
+    holds_images, children = set(), collections.defaultdict(list)
+    for top, dirs, files in os.walk(folder, topdown=False, followlinks=True):
+        top = Path(top)
+        if any(is_image(f) for f in files) or any(top / d in holds_images for d in dirs):
+            holds_images.add(top)
+        children[top] = sorted(top / d for d in dirs)
+    for parent in sorted(children):
+        normal = [d for d in children[parent] if d.name.lower() in NORMAL_NAMES]
+        others = [d for d in children[parent] if d in holds_images and d not in normal]
+        if normal and others:
+            raise VadError(f"--data {root}: {parent} is a labelled split ({normal[0].name}/ beside "
+                           f"{', '.join(d.name + '/' for d in others[:3])}{' ...' if len(others) > 3 else ''}), "
+                           f"whose other folders hold defects; point --data at {normal[0]} to fit on its good "
+                           f"images only")
+
+
 def read_dataset(root):
     """A category folder in a known layout (LAYOUTS: MVTec AD, MVTec AD 2, BTech; or VisA,
     by the split file beside it) with its labelled test images and masks, or a plain
@@ -2456,6 +2479,7 @@ def read_dataset(root):
         if (root / train).is_dir() and (layout != "MVTec AD 2" or (root / "test_public").is_dir()):
             break
     else:
+        check_unlabelled(root, root)
         labelled = sorted(p for p in root.rglob("*") if p.is_dir() and any(fnmatch.fnmatch(p.name.lower(), pattern)
                                                                           for pattern in LABELLED))
         if labelled:
@@ -2467,6 +2491,7 @@ def read_dataset(root):
             raise VadError(f"--data {root}: no images found (expected {', '.join(IMAGE_EXTENSIONS)} files, "
                            f"or train/good/)")
         return Dataset(root, images)
+    check_unlabelled(root / train, root)
     dataset = Dataset(root, list_images(root / train), layout=layout)
     if not dataset.train:
         raise VadError(f"--data {root}: {train}/ holds no images")
@@ -2590,6 +2615,131 @@ def threshold_from(scores):
     with only a few held-out images it is still above every one of them."""
     s = np.asarray(scores, dtype=np.float64)
     return float(s.max() + 0.1 * (s.max() - np.median(s)))
+
+
+CONFIDENCE = 0.95  # of the upper bound stated with every false-reject rate (issue 21)
+HELD_OUT_RULE = "held-out: max + 10% of (max - median)"  # threshold_from, as info and `info` name it
+
+
+def frr_upper_bound(k, n, confidence=CONFIDENCE):
+    """The exact (Clopper-Pearson) one-sided upper confidence bound on a rate of which k
+    of n trials were seen: the p at which Binomial(n, p) gives k or fewer with
+    probability 1 - confidence, which is the `confidence` quantile of Beta(k+1, n-k).
+    0 of 20 gives 13.9%. Bisection on the binomial tail, summed in log space: no scipy
+    on this path (the test checks it against scipy.stats.beta.ppf)."""
+    if k >= n:
+        return 1.0
+    if k == 0:  # the tail is (1 - p)^n
+        return float(-math.expm1(math.log1p(-confidence) / n))
+    i = np.arange(k + 1)
+    log_choose = np.array([math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) for j in range(k + 1)])
+    lo, hi = 0.0, 1.0
+    for _ in range(100):  # 2^-100: below fp64's resolution
+        p = (lo + hi) / 2
+        terms = log_choose + i * math.log(p) + (n - i) * math.log1p(-p)
+        top = terms.max()
+        if top + math.log(np.exp(terms - top).sum()) > math.log1p(-confidence):
+            lo = p
+        else:
+            hi = p
+    return hi
+
+
+def images_needed(frr, confidence=CONFIDENCE):
+    """How many good images, none of them rejected, bound the false-reject rate at `frr`
+    with `confidence`: the smallest n with (1 - frr)^n <= 1 - confidence (299 for 1%)."""
+    return math.ceil(math.log1p(-confidence) / math.log1p(-frr) - 1e-9)
+
+
+def tail_threshold(good, frr):
+    """The threshold that a fraction `frr` of good images is expected to exceed, from an
+    exponential tail fitted to the good scores above their median: peaks over a
+    threshold with a generalized Pareto of shape 0, the tail of every distribution in
+    the Gumbel domain (maxima and sums of light-tailed variables, which an image score
+    is). P(S > t) = (m / n) exp(-(t - u) / b), u the median, m of n scores above it, b
+    their mean excess (the maximum-likelihood scale). README: its fit on bottle and
+    KolektorSDD."""
+    s = np.sort(np.asarray(good, dtype=np.float64))
+    u = float(np.median(s))
+    excess = s[s > u] - u
+    if not len(excess) or frr >= len(excess) / len(s):
+        return float(s[-1])
+    return float(u + excess.mean() * math.log(len(excess) / len(s) / frr))
+
+
+def frr_record(good, threshold, rule):
+    """What a threshold implies on the good images it was set from, as info fields: the
+    rule, how many of them it rejects and the 95% upper bound on the rate (issue 21)."""
+    good = np.asarray(good, dtype=np.float64)
+    k, n = int((good > threshold).sum()), len(good)
+    return {"threshold_rule": rule[:1000], "frr_rejected": k, "frr_images": n,
+            "frr_bound": round(frr_upper_bound(k, n), 6)}
+
+
+def frr_text(info):
+    """One line on the false-reject rate that a model's info records."""
+    if type(info.get("frr_images")) is not int or not info["frr_images"]:
+        return "false-reject rate: not recorded (fitted by an older vad)"
+    k, n, bound = info["frr_rejected"], info["frr_images"], info["frr_bound"]
+    return (f"false-reject rate: {k} of {n} good images above the threshold ({k / n:.1%}); "
+            f"at most {bound:.1%} with {CONFIDENCE:.0%} confidence (Clopper-Pearson)")
+
+
+HISTORY_CHARS = 4000  # info strings are at most 4096 (check_header): the oldest entries go first
+
+
+def with_history(info, **entry):
+    """info with `entry` appended to its history: fit, calibrate and update, in order,
+    a JSON list in one string (info is flat, so a file needs no new format). The
+    oldest entries go when it grows too long, counted in history_dropped."""
+    history, dropped = read_history(info) + [entry], info.get("history_dropped", 0)
+    while len(json.dumps(history)) > HISTORY_CHARS and len(history) > 1:
+        del history[0]
+        dropped = (dropped if type(dropped) is int else 0) + 1
+    return {**info, "history": json.dumps(history)} | ({"history_dropped": dropped} if dropped else {})
+
+
+def read_history(info):
+    """The history list of a model's info ([] if absent or not a list of dicts)."""
+    try:
+        history = json.loads(info.get("history", "[]"), parse_constant=_not_finite)
+    except (TypeError, ValueError):
+        return []
+    return history if isinstance(history, list) and all(isinstance(e, dict) for e in history) else []
+
+
+def _not_finite(name):
+    raise ValueError(f"{name} is not a finite number")
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_record(weights, backbone):
+    """The backbone weights' file name and sha256, where there is a file (info)."""
+    if weights == "imagenet" and backbone in IMAGENET_URLS:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_URLS[backbone]).name
+    elif weights not in ("imagenet", "none", "empty"):
+        path = Path(weights)
+    else:
+        return {}
+    return {"weights_file": path.name, "weights_sha256": file_sha256(path) if path.is_file() else None}
+
+
+def data_fingerprint(paths, root):
+    """SHA-256 over the training images' paths (relative to the data folder) and sizes:
+    the same list of files gives the same value wherever the folder is."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        p = Path(p)
+        name = p.relative_to(root) if root is not None and p.is_relative_to(root) else p
+        h.update(f"{name.as_posix()}|{p.stat().st_size if p.is_file() else -1}\n".encode())
+    return h.hexdigest()
 
 
 def split_holdout(n, fraction, seed):
@@ -2740,7 +2890,7 @@ def fit(data, model="patchcore", options=None, **overrides):
     o = dataclasses.replace(options or RunOptions(), **overrides)
     framing, batch_size = o.framing, o.batch_size
     config = make_config(model, o.settings, backbone=o.backbone, epochs=o.epochs)
-    paths = training_images(data)
+    paths, layout = training_set(data)
     if o.max_train is not None:
         if o.max_train < 2:
             raise VadError(f"--max-train {o.max_train}: give at least 2 images")
@@ -2771,20 +2921,33 @@ def fit(data, model="patchcore", options=None, **overrides):
     held = [paths[i] for i in held_idx]
     detector.fit_normalization(load_images(held, framing, batch_size, "held-out maps"))
     set_thresholds(detector, every_image(score_files(detector, held, batch_size, "held-out")))
-    detector.info = {"data": str(data) if not isinstance(data, (list, tuple)) else f"{len(paths)} images",
+    root = None if isinstance(data, (list, tuple)) else Path(data)
+    detector.info = {"data": str(data) if root else f"{len(paths)} images",
                      "weights": str(o.weights), "seed": o.seed, "holdout": o.holdout, "images": len(fit_idx),
-                     "held_out": len(held_idx), "added": 0}
+                     "held_out": len(held_idx), "added": 0, "layout": layout,
+                     "data_fingerprint": data_fingerprint(paths, root),
+                     "settings": json.dumps(dataclasses.asdict(config)),  # exports carry info, not the config
+                     **(weights_record(o.weights, config.backbone) if hasattr(config, "backbone") else {}),
+                     **frr_record(detector.held_out_scores.cpu().numpy(), float(detector.threshold),
+                                  HELD_OUT_RULE)}
+    detector.info = with_history(detector.info, event="fit", images=len(fit_idx), held_out=len(held_idx),
+                                 threshold=float(detector.threshold), rule=HELD_OUT_RULE)
+    note(frr_text(detector.info) + f", on the {len(held_idx)} held-out images")
     return detector
 
 
-def training_images(data):
-    """The normal training images of `data`: an MVTec-like category folder, a folder of
-    images, or a list of image paths."""
+def training_set(data):
+    """The normal training images of `data` (an MVTec-like category folder, a folder of
+    images, or a list of image paths) and the layout they were read in."""
     if isinstance(data, (list, tuple)):
-        return list(data)
+        return list(data), "list of images"
     dataset = read_dataset(data)
     note(f"--data {data}: {dataset.layout}, {len(dataset.train)} good training images")
-    return dataset.train
+    return dataset.train, dataset.layout
+
+
+def training_images(data):
+    return training_set(data)[0]
 
 
 def set_thresholds(detector, scored):
@@ -2835,6 +2998,10 @@ def update(detector, data, batch_size=BATCH_SIZE):
     detector.info = {k: v for k, v in info.items() if k != "calibrated"} | {
         "images": info["images"] + len(fit_idx), "held_out": info["held_out"] + len(held_idx),
         "added": info["added"] + len(paths)}
+    detector.info = with_history(detector.info | frr_record(detector.held_out_scores.cpu().numpy(),
+                                                            float(detector.threshold), HELD_OUT_RULE),
+                                 event="update", added=len(paths), held_out=len(held_idx),
+                                 threshold=float(detector.threshold), rule=HELD_OUT_RULE)
     return detector
 
 
@@ -3500,6 +3667,7 @@ class OnnxModel:
         rule = meta["image_score"]
         self.top_k = 1 if rule == "max" else int(rule.split(":")[1])
         self.info = meta["info"]
+        self.vad_version, self.sha256, self.parity = meta["vad_version"], meta["source_sha256"], meta["parity"]
         self.runtime_version = ort.__version__
 
     def _check(self, meta):
@@ -3826,30 +3994,30 @@ def colorize(t):
     return _COLORS[i] * (1 - f) + _COLORS[i + 1] * f
 
 
-def overlay(image, anomaly_map, low, pixel_threshold):
+def overlay(image, anomaly_map, low, pixel_threshold, outline="pixel_threshold"):
     """The image (3, H, W) in [0, 1] with its map blended in and the region above
-    pixel_threshold outlined in white -> uint8 (H, W, 3). Colour is 0 at the typical
-    normal value `low` and half-way at the threshold; pixels not inspected (NaN) stay
-    as they are."""
+    `outline` (default: pixel_threshold; None: no outline) outlined in white -> uint8
+    (H, W, 3). Colour is 0 at the typical normal value `low` and half-way at the pixel
+    threshold; pixels not inspected (NaN) stay as they are."""
     rgb = image.permute(1, 2, 0).numpy() * 255
     inspected = np.isfinite(anomaly_map)[..., None]
     t = (anomaly_map - low) / max(2 * (pixel_threshold - low), 1e-12)
     out = np.where(inspected, 0.55 * rgb + 0.45 * colorize(np.nan_to_num(t)), rgb)
     import scipy.ndimage  # only heat maps need it
 
-    region = np.nan_to_num(anomaly_map, nan=-np.inf) > pixel_threshold
+    region = defect_mask(anomaly_map, pixel_threshold if outline == "pixel_threshold" else outline)
     edge = region & ~scipy.ndimage.binary_erosion(region, iterations=2)
     out[edge] = 255
     return out.astype(np.uint8)
 
 
-def heatmap_png(detector, source, anomaly_map):
+def heatmap_png(detector, source, anomaly_map, outline="pixel_threshold"):
     """The PNG file bytes of an image (path or bytes) with its map overlaid, on the
-    colour scale of the detector's normal maps. The map is at the image's own size
-    (map_to_source), or at that size scaled down with fit_within: the image is then
-    drawn at the map's size."""
+    colour scale of the detector's normal maps, its regions above `outline` outlined
+    (region_level). The map is at the image's own size (map_to_source), or at that size
+    scaled down with fit_within: the image is then drawn at the map's size."""
     image = read_source(source, max_side=max(anomaly_map.shape))
-    rgb = overlay(image, anomaly_map, float(detector.map_low), float(detector.pixel_threshold))
+    rgb = overlay(image, anomaly_map, float(detector.map_low), float(detector.pixel_threshold), outline)
     return _png(Image.fromarray(rgb))
 
 
@@ -3859,8 +4027,30 @@ def _png(image):
     return buffer.getvalue()
 
 
+def region_level(anomaly_map, anomalous, pixel_threshold, low):
+    """The level above which an image's map is outlined as defect regions: the one rule
+    that makes verdict and regions agree for every detector (issue 21), whose image
+    score need not be its map's maximum (PatchCore's eq. 7, top-k means, a changed image
+    threshold). An ok image has no region: None. An anomalous image is outlined above
+    the pixel threshold, or, where its whole map stays under it, above the half-way
+    point between the typical normal value `low` and its peak (a half-maximum contour),
+    so that it has at least one region."""
+    if not anomalous:
+        return None
+    finite = anomaly_map[np.isfinite(anomaly_map)]
+    if not finite.size or finite.max() > pixel_threshold:
+        return pixel_threshold
+    peak = finite.max()
+    level = (low + float(peak)) / 2
+    # compared in the map's own dtype (NumPy 2 casts a Python float to it): below the peak there
+    return level if finite.dtype.type(level) < peak else float(np.nextafter(peak, finite.dtype.type(-np.inf)))
+
+
 def defect_mask(anomaly_map, pixel_threshold):
-    """Where the map is above the pixel threshold (NaN, not inspected, never is): bool (H, W)."""
+    """Where the map is above the pixel threshold (NaN, not inspected, never is; None:
+    nowhere): bool (H, W)."""
+    if pixel_threshold is None:
+        return np.zeros(anomaly_map.shape, dtype=bool)
     return np.nan_to_num(anomaly_map, nan=-np.inf) > pixel_threshold
 
 
@@ -4459,14 +4649,15 @@ class InspectionServer:
         size = fit_within(r.source_size, MAX_OVERLAY_SIDE)
         anomaly_map = map_to_source(r.anomaly_map, r.source_size, detector.framing, size)
         pixel_threshold = float(detector.pixel_threshold)
-        regions, count = defect_regions(anomaly_map, pixel_threshold,
-                                        (r.source_size[0] / size[0], r.source_size[1] / size[1]))
+        level = region_level(anomaly_map, r.verdict == "anomalous", pixel_threshold, float(detector.map_low))
+        regions, count = defect_regions(anomaly_map, level, (r.source_size[0] / size[0], r.source_size[1] / size[1]))
         result = {"model": name, "score": r.score, "threshold": r.threshold, "verdict": r.verdict,
-                  "pixel_threshold": pixel_threshold, "regions": regions, "region_count": count}
+                  "margin": r.score - r.threshold, "pixel_threshold": pixel_threshold, "region_threshold": level,
+                  "regions": regions, "region_count": count}
         if with_overlay:
             if gone():  # drawing decodes the image again
                 raise ClientGone
-            png = heatmap_png(detector, data, anomaly_map)
+            png = heatmap_png(detector, data, anomaly_map, level)
             result["overlay"] = "data:image/png;base64," + base64.b64encode(png).decode()
         return result
 
@@ -5337,7 +5528,8 @@ def fit_command(model, data, out, force, update_file, quiet, **options):
         detector = run_api(load, update_file, options["device"])
         run_api(update, detector, data, options["batch_size"])
         run_api(save, detector, out)
-        note(f"{detector.info['added']} images added since fit, threshold {float(detector.threshold):.4g}")
+        note(f"{detector.info['added']} images added since fit, threshold {float(detector.threshold):.4g}; "
+             f"{frr_text(detector.info)}, on the {len(detector.held_out_scores)} held-out images")
         click.echo(str(out))
         return
     if data is None:
@@ -5499,19 +5691,22 @@ def npy_bytes(array):
               "threshold: 255, else 0) here, as <name>.<ext>.mask.png at the image's own size.")
 @click.option("--threshold", type=FiniteRange(), help="Judge with this image threshold instead of the model's, for this run "
               "(vad.py calibrate changes the model's).")
+@click.option("--pixel-threshold", type=float, help="Outline every image's map above this value, whatever its "
+              "verdict [default: the verdict decides (README: Thresholds and defect regions)].")
 @click.option("--null", "-0", "null", is_flag=True, help="Paths on stdin ('-') are NUL-separated (find -print0).")
 @click.option("--fail-on-anomaly", is_flag=True, help="Exit 1 when any image is judged anomalous.")
 @click.option("--shard", metavar="K/N", help="Score only the K-th of N near-equal slices of the inputs, K from 0 "
               "to N-1 (a Kubernetes Indexed Job's JOB_COMPLETION_INDEX); the slices' outputs, joined in K order, "
               "list every input once, in the unsharded order.")
 @run_options(fitting=False)
-def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold, null, fail_on_anomaly, shard,
-                  precision, device, batch_size, quiet):
+def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold, pixel_threshold, null,
+                  fail_on_anomaly, shard, precision, device, batch_size, quiet):
     """Score images with a fitted model: one line per image on stdout,
-    "PATH<TAB>SCORE<TAB>ok|anomalous", in input order (a tab, newline, carriage return
-    or backslash in PATH written as \\t, \\n, \\r, \\\\; --json gives the path exactly,
-    with the thresholds and the defect regions: box, area, peak and centroid of each
-    connected region above the pixel threshold, in the image's own pixels).
+    "PATH<TAB>SCORE<TAB>ok|anomalous<TAB>MARGIN" (score - threshold), in input order (a
+    tab, newline, carriage return or backslash in PATH written as \\t, \\n, \\r, \\\\;
+    --json gives the path exactly, with the thresholds and the defect regions: box, area,
+    peak and centroid of each connected region of the map, in the image's own pixels;
+    an ok image has none, an anomalous one at least one).
 
     MODEL_FILE is a .pt from fit, or a .onnx from export (run with ONNX Runtime). INPUTS
     are image files, folders (searched recursively) or '-' for one path per line on stdin
@@ -5537,9 +5732,10 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
     _verbosity(quiet)
     part = parse_shard(shard) if shard is not None else None
     detector = run_api(load_model, model_file, device, precision)
+    for option, value in (("--threshold", threshold), ("--pixel-threshold", pixel_threshold)):
+        if value is not None and not math.isfinite(value):
+            raise CliError(f"{option} {value}: give a finite number")
     if threshold is not None:
-        if not math.isfinite(threshold):
-            raise CliError(f"--threshold {threshold}: give a finite number")
         detector.threshold.fill_(threshold)
     paths, folders = _expand_inputs(inputs, null)
     if not paths:
@@ -5560,7 +5756,7 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
     for directory in (heatmaps, maps, masks):
         if directory and directory.is_dir():
             remove_stale_temporaries_in(directory)
-    pixel_threshold = float(detector.pixel_threshold)
+    model_pixel_threshold, low = float(detector.pixel_threshold), float(detector.map_low)
     failed = unwritten = anomalous = 0
     monitor = DriftMonitor(detector)
 
@@ -5576,14 +5772,18 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
             continue
         anomaly_map = map_to_source(r.anomaly_map, r.source_size, detector.framing) if outputs or as_json else None
         anomalous += r.verdict == "anomalous"
-        record = json_path(r.path) | {"score": r.score, "threshold": r.threshold, "verdict": r.verdict}
+        level = pixel_threshold if pixel_threshold is not None or anomaly_map is None else \
+            region_level(anomaly_map, r.verdict == "anomalous", model_pixel_threshold, low)
+        record = json_path(r.path) | {"score": r.score, "threshold": r.threshold, "verdict": r.verdict,
+                                      "margin": r.score - r.threshold}
         if as_json:
-            regions, count = defect_regions(anomaly_map, pixel_threshold)
-            record |= {"pixel_threshold": pixel_threshold, "regions": regions, "region_count": count}
+            regions, count = defect_regions(anomaly_map, level)
+            record |= {"pixel_threshold": model_pixel_threshold, "region_threshold": level, "regions": regions,
+                       "region_count": count}
         for option, key, write in (("heatmaps", "heatmap", lambda f: f.write_bytes(heatmap_png(detector, r.path,
-                                                                                                heat_map(r)))),
+                                                                                                heat_map(r), level))),
                                    ("maps", "map", lambda f: f.write_bytes(npy_bytes(anomaly_map))),
-                                   ("masks", "mask", lambda f: f.write_bytes(mask_png(anomaly_map, pixel_threshold)))):
+                                   ("masks", "mask", lambda f: f.write_bytes(mask_png(anomaly_map, level)))):
             if option in outputs:
                 try:
                     # a failed write leaves an older file at that name untouched
@@ -5593,7 +5793,8 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
                     click.echo(f"error: cannot write the {key} of {tsv_field(str(r.path))} to "
                                f"{tsv_field(str(outputs[option][r.path]))}: {e.strerror or e}", err=True)
                     unwritten += 1
-        click.echo(json_text(record) if as_json else f"{tsv_field(str(r.path))}\t{r.score:.6g}\t{r.verdict}")
+        click.echo(json_text(record) if as_json else
+                   f"{tsv_field(str(r.path))}\t{r.score:.6g}\t{r.verdict}\t{record['margin']:.6g}")
     if failed:
         click.echo(f"error: {failed} of {len(paths)} image(s) could not be read", err=True)
     if unwritten:
@@ -5650,19 +5851,130 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
     good = scores(good_dirs, "good")
     bad = scores(bad_dirs, "bad") if bad_dirs else np.array([])
     before = float(detector.threshold)
-    after = threshold_for_f1(good, bad) if max_f1 else threshold_for_frr(good, 0.01 if target_frr is None
-                                                                        else target_frr)
+    target = 0.01 if target_frr is None else target_frr
+    if max_f1:
+        after, rule = threshold_for_f1(good, bad), f"max-f1 on {len(good)} good and {len(bad)} bad images"
+    elif target == 0 or len(good) >= images_needed(target):  # 0: reject none of these, as asked
+        after = threshold_for_frr(good, target)
+        rule = f"target-frr {target}: empirical, on {len(good)} good images"
+    else:  # the highest good score would state no rate at all: an extrapolation that says it is one
+        warn(f"{len(good)} good images cannot support a false-reject rate of {target} empirically: that takes "
+             f"at least {images_needed(target)} (none of them rejected bounds the rate at {target} with "
+             f"{CONFIDENCE:.0%} confidence); the threshold is placed by an exponential tail fitted to the good "
+             f"scores above their median")
+        after = tail_threshold(good, target)
+        rule = f"target-frr {target}: exponential tail over the median of {len(good)} good images"
     for label, t in (("before", before), ("after", after)):
         c = confusion(good, bad, t)
         click.echo(f"{label}: threshold {t:.6g}: good {c['good_ok']} ok, {c['good_rejected']} rejected"
                    + (f"; bad {c['bad_caught']} caught, {c['bad_missed']} missed" if len(bad) else ""))
     if not math.isfinite(after):
         raise CliError(f"the calibrated threshold is {after}, not a finite number; the model file is unchanged")
+    held_out = detector.held_out_scores.cpu().numpy()
+    fitted = threshold_from(held_out) if len(held_out) else before
+    if after < fitted:
+        warn(f"the threshold {after:.6g} is below the one fit set from the held-out images ({fitted:.6g}): "
+             f"more images will be judged anomalous than the fitted model judged")
     detector.threshold.fill_(after)
-    rule = "max-f1" if max_f1 else f"target-frr {0.01 if target_frr is None else target_frr}"
-    detector.info = {**detector.info, "calibrated": f"{rule} on {len(good)} good and {len(bad)} bad images"}
+    detector.info = {**detector.info, "calibrated": rule, **frr_record(good, after, rule)}
+    detector.info = with_history(detector.info, event="calibrate", good=len(good), bad=len(bad), threshold=after,
+                                 rule=rule)
+    click.echo(frr_text(detector.info))
     run_api(save, detector, out)
     note(f"wrote {out}")
+
+
+def model_card(model, path):
+    """What a model file (.pt, or an .onnx from export) is, for vad.py info: everything
+    recorded in it, read through load_model's checks only."""
+    info, onnx = model.info, isinstance(model, OnnxModel)
+
+    def recorded(key):
+        return info.get(key, "not recorded")
+    try:
+        settings = json.loads(info["settings"], parse_constant=_not_finite) if onnx else \
+            dataclasses.asdict(model.config)
+    except (KeyError, TypeError, ValueError):
+        settings = "not recorded"
+    rejected, images, bound = info.get("frr_rejected"), info.get("frr_images"), info.get("frr_bound")
+    known = type(rejected) is int and type(images) is int and 0 <= rejected <= images > 0 \
+        and type(bound) is float and 0 <= bound <= 1  # a crafted info is shown as not recorded, never trusted
+    dropped = info.get("history_dropped", 0)
+    return {
+        "file": str(path),
+        "format": f"{ONNX_FORMAT} {ONNX_FORMAT_VERSION} (ONNX Runtime)" if onnx else f"{FORMAT_NAME} {FORMAT_VERSION}",
+        "vad_version": model.vad_version,
+        "sha256": model.sha256 if not onnx else None,
+        "source_sha256": model.sha256 if onnx else None,
+        "detector": model.name,
+        "backbone": getattr(model.config, "backbone", None),
+        "weights": {"setting": recorded("weights"), "file": info.get("weights_file"),
+                    "sha256": info.get("weights_sha256")},
+        "settings": settings,
+        "framing": dataclasses.asdict(model.framing),
+        "input_size": list(model.input_size),
+        "precision": model.precision,
+        "thresholds": {"image": float(model.threshold), "pixel": float(model.pixel_threshold),
+                       "rule": info.get("calibrated", info.get("threshold_rule", HELD_OUT_RULE)),
+                       "pixel_rule": f"{HELD_OUT_RULE} of each held-out map's maximum; regions only on anomalous "
+                                     f"images, at least one each (README: Thresholds and defect regions)"},
+        "false_reject": {"rejected": rejected, "images": images, "rate": rejected / images,
+                         "upper_bound": bound, "confidence": CONFIDENCE} if known else None,
+        "training": {"data": recorded("data"), "layout": recorded("layout"), "images": recorded("images"),
+                     "held_out": recorded("held_out"), "added": recorded("added"), "seed": recorded("seed"),
+                     "holdout": recorded("holdout"), "fingerprint": recorded("data_fingerprint")},
+        "history": read_history(info),
+        "history_dropped": dropped if type(dropped) is int and dropped >= 0 else 0,
+        "update": update_support(model) if not onnx else "no: update the .pt, then export again",
+        "export_parity": model.parity if onnx else None,
+    }
+
+
+@cli.command("info", short_help="Show what a model file is and how its thresholds were set.")
+@click.argument("model_file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+def info_command(model_file, as_json):
+    """Show what a model file is: detector, backbone and weights, settings, framing,
+    precision, both thresholds and the rule that set them, the false-reject rate they
+    imply with its 95% upper bound, the training data (layout, folder, count and a
+    fingerprint of its file list), calibrations and updates in order, and, for an
+    .onnx, the export's parity check. Reads the file through the checks score applies.
+
+    \b
+      python vad.py info bottle-padim.pt
+      python vad.py info bottle-padim.onnx --json
+    """
+    _verbosity(True)
+    card = model_card(run_api(load_model, model_file), model_file)
+    try:
+        text = json.dumps(card, allow_nan=False)
+    except ValueError:  # load checks the info's types, not that its numbers are finite
+        raise CliError(f"{model_file} records NaN or an infinite number in its info; fit it again") from None
+    if as_json:
+        click.echo(text)
+        return
+    t, frr, data, w = card["thresholds"], card["false_reject"], card["training"], card["weights"]
+    lines = [f"file: {card['file']} ({card['format']}, written by vad {card['vad_version']})",
+             f"detector: {card['detector']}, backbone {card['backbone'] or '-'}, {card['precision']}",
+             f"weights: {w['setting']}" + (f" ({w['file']}, sha256 {w['sha256'] or 'unknown'})" if w["file"] else ""),
+             f"settings: {json.dumps(card['settings'])}",
+             f"framing: {json.dumps(card['framing'])}, input {card['input_size'][0]}x{card['input_size'][1]}",
+             f"image threshold: {t['image']:.6g} ({t['rule']})",
+             f"pixel threshold: {t['pixel']:.6g} ({t['pixel_rule']})",
+             frr_text(card["false_reject"] and {"frr_rejected": frr["rejected"], "frr_images": frr["images"],
+                                                "frr_bound": frr["upper_bound"]} or {}),
+             f"training data: {data['data']} ({data['layout']}), {data['images']} images fitted, "
+             f"{data['held_out']} held out, {data['added']} added; fingerprint {data['fingerprint']}"]
+    lines += [f"history {i}: " + ", ".join(f"{k} {v}" for k, v in e.items())
+              for i, e in enumerate(card["history"], card["history_dropped"] + 1)]
+    lines.append(f"fit --update: {card['update']}")
+    if card["export_parity"] is not None:
+        lines.append(f"export parity: {card['export_parity']}")
+    if card["source_sha256"]:
+        lines.append(f"exported from: the .pt with sha256 {card['source_sha256']}")
+    elif card["sha256"]:
+        lines.append(f"sha256: {card['sha256']}")
+    click.echo("\n".join(lines))
 
 
 @cli.command("export", short_help="Export a model to one ONNX file that runs without torch.")
