@@ -2790,6 +2790,17 @@ def test_contract_onnx_external_data_and_nested_metadata_are_refused(exported, t
     assert r.exit_code == 2 and "Traceback" not in r.output and r.stderr.count("\n") == 1, r.output
 
 
+def test_contract_info_prints_a_crafted_history_safely(model_file, tmp_path):
+    for i, history in enumerate(['[{"event": "fit\\u001b[2J\\u001b]0;owned\\u0007", "x": "a\\nb"}]', "[" * 4000]):
+        def change(c):
+            c["info"]["history"] = history
+        r = cli("info", crafted(model_file, tmp_path, f"h{i}.pt", change))
+        assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+        assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", r.stdout)  # no escape sequence, no injected line
+        if i == 0:
+            assert "\\x1b[2J" in r.stdout and "a\\x0ab" in r.stdout
+
+
 def test_contract_smaller_rows_of_the_third_hostile_pass(model_file, dataset, tmp_path, monkeypatch):
     import zipfile
     image = vad.read_dataset(dataset).test[0]

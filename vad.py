@@ -2703,7 +2703,7 @@ def read_history(info):
     """The history list of a model's info ([] if absent or not a list of dicts)."""
     try:
         history = json.loads(info.get("history", "[]"), parse_constant=_not_finite)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # a crafted file's history: shown as none
         return []
     return history if isinstance(history, list) and all(isinstance(e, dict) for e in history) else []
 
@@ -3611,10 +3611,6 @@ def onnx_external_tensors(data, start=0, end=None, kind="model", depth=0):
     return found
 
 
-def _no_constant(name):
-    raise ValueError(f"{name} is not a finite number")
-
-
 class OnnxModel:
     """An exported model run by ONNX Runtime, with what scoring needs of a Detector
     (framing, thresholds, score, map_score) read from the file alone. Like a .pt, an
@@ -3653,7 +3649,7 @@ class OnnxModel:
                            f"'vad.py export'") from None
         raw = self.session.get_modelmeta().custom_metadata_map
         try:
-            meta = {k[4:]: json.loads(v, parse_constant=_no_constant) for k, v in raw.items() if k.startswith("vad.")}
+            meta = {k[4:]: json.loads(v, parse_constant=_not_finite) for k, v in raw.items() if k.startswith("vad.")}
             self._check(meta)
         except (ValueError, TypeError, KeyError, RecursionError) as e:  # RecursionError: deeply nested JSON
             raise VadError(f"{label} is not a vad model exported by 'vad.py export' ({str(e)[:200]})") from None
@@ -5974,7 +5970,8 @@ def info_command(model_file, as_json):
         lines.append(f"exported from: the .pt with sha256 {card['source_sha256']}")
     elif card["sha256"]:
         lines.append(f"sha256: {card['sha256']}")
-    click.echo("\n".join(lines))
+    # Control characters (a crafted file's strings) shown as \xHH: no escape sequence reaches the terminal.
+    click.echo("\n".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", line) for line in lines))
 
 
 @cli.command("export", short_help="Export a model to one ONNX file that runs without torch.")
