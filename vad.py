@@ -33,8 +33,10 @@ Python API:
     model = vad.load("bottle.pt")
     image_scores, anomaly_maps = model.score(images)  # images: (B, 3, H, W) in [0, 1]
 
-Contents (in file order):
+Contents (in file order). The core, from Errors to API, stands on its own: nothing in it
+refers to the tools below it (a test checks it), so a vendor can cut the file at "Tools".
     Errors, messages, device and precision   one-line errors, stderr notes, the precision policy
+    Plumbing                progress bars, stage timers (bench only), prefetching, strict JSON, atomic writes
     Backbones               ResNet-18, Wide-ResNet-50-2, MobileNetV2 in torchvision's layout
     Anomaly maps            bilinear upsampling and Gaussian blur as matrix products
     Framing                 working size, resize mode and tiles: how an image becomes an input
@@ -48,11 +50,11 @@ Contents (in file order):
     Model files             save, load (one .pt, weights_only, every field and tensor checked)
     Image I/O               placement in the frame, tiles and their stitching, images, masks, data sets
     API                     score_files, RunOptions, fit, update, metrics, evaluate, drift
+  Tools
     Export                  one ONNX graph per model, parity-checked; scoring it with ONNX Runtime
-    Bench                   bench and the embedded synthetic set
+    Bench                   bench, peak memory and the embedded synthetic set
     Heat maps, Serving      overlays, defect masks and regions; the upload-and-inspect page, JSON endpoint, /metrics
-    Plumbing                progress bars, stage timers, prefetching, peak memory, atomic writes
-    CLI                     fit, score, calibrate, info, export, bench, serve
+    CLI                     fit, score, calibrate, info, export, bench, serve; the model-file lock
 
 References:
     Report      "Visual Anomaly Detection and Segmentation for Industrial Inspection"
@@ -232,6 +234,196 @@ def pick_precision(precision, device):
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         warn("--precision bf16: this CPU has no bf16 instructions (AMX/AVX512-BF16); it will be slower than fp32")
     return precision
+
+# -----------------------------------------------------------------------------
+# Plumbing the core uses: progress bars, stage timers, prefetching, strict JSON, atomic writes
+
+
+def progress(iterable, total=None, desc="", status=None):
+    """Yield from `iterable`, drawing a progress bar with time left on stderr; `status`,
+    a function, adds a live note such as the current loss.
+
+    On a terminal the bar redraws in place; elsewhere (logs, CI) a line is written every
+    30 s and one when the step ends, so captured stderr stays readable.
+    """
+    if not VERBOSE:
+        yield from iterable
+        return
+    total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+    live = sys.stderr.isatty()
+    start = last = time.perf_counter()
+    i = 0
+
+    def line(now):
+        left = f"<{(now - start) / i * (total - i):.0f}s" if total and i else ""
+        count = f"{i}/{total}" if total else f"{i}"
+        return f"{desc}: {count} [{now - start:.0f}s{left}]" + (f" {status()}" if status else "")
+
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        if live and (now - last > 0.2 or i == total):
+            last = now
+            sys.stderr.write(f"\r{line(now)}  ")
+            sys.stderr.flush()
+        elif not live and now - last > 30:
+            last = now
+            sys.stderr.write(line(now) + "\n")
+    now = time.perf_counter()
+    if live:
+        sys.stderr.write("\n")
+    elif now - start > 2:
+        sys.stderr.write(line(now) + "\n")
+
+
+STAGE_SECONDS = collections.defaultdict(float)  # wall seconds per stage, while stage_timing() is on (bench)
+TIMING = False
+
+
+@contextlib.contextmanager
+def stage_timing():
+    """Time the stages (timed) inside the block, from a clear STAGE_SECONDS. Off
+    elsewhere, so that scoring never synchronizes a GPU only to time itself."""
+    global TIMING
+    STAGE_SECONDS.clear()
+    TIMING = True
+    try:
+        yield STAGE_SECONDS
+    finally:
+        TIMING = False
+
+
+@contextlib.contextmanager
+def timed(stage, device=None):
+    """Add the block's wall time to STAGE_SECONDS[stage] inside stage_timing(); nothing
+    otherwise. On CUDA the device is synchronized at both ends, else queued kernels
+    would be billed to whichever stage waits next."""
+    if not TIMING:
+        yield
+        return
+    sync = device is not None and device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if sync:
+            torch.cuda.synchronize(device)
+        STAGE_SECONDS[stage] += time.perf_counter() - start
+
+
+def prefetch(iterable, depth=2):
+    """Yield from `iterable`, run `depth` items ahead in a background thread: the next
+    images are decoded while the current batch is computed (Pillow and torch release the
+    GIL while they work). Exceptions surface at the consumer, in order."""
+    items, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for item in iterable:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # handed to the consumer
+            put((end, e))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            with timed("load"):
+                item, error = items.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def json_text(obj, **kwargs):
+    """JSON that strict parsers read: a float that is NaN or infinite (a metric undefined
+    on the data, such as pixel AUROC without masks) is written null, never NaN."""
+    def clean(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        return [clean(v) for v in o] if isinstance(o, (list, tuple)) else o
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+TEMPORARY = re.compile(r"\.(.+)\.([0-9]{1,9})\.[0-9a-f]{8}\.tmp", re.ASCII | re.DOTALL)  # .NAME.PID.HEX.tmp
+
+
+def _remove_if_stale(tmp, name=None):
+    """Delete `tmp` if it is atomic_write()'s temporary (for a file called `name`, if
+    given) of a process that no longer runs (killed with SIGKILL, or by a power cut,
+    before it could clean up); a running writer's is kept."""
+    match = TEMPORARY.fullmatch(tmp.name)
+    try:
+        if match and name in (None, match[1]) and tmp.is_file() and not tmp.is_symlink() and not _alive(int(match[2])):
+            tmp.unlink()
+    except OSError:  # best effort: a file we cannot remove is left, never an error
+        pass
+
+
+def remove_stale_temporaries(path):
+    """Delete the stale temporaries that atomic_write() left for `path`."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        _remove_if_stale(tmp, path.name)
+
+
+def remove_stale_temporaries_in(folder):
+    """Delete every stale temporary in `folder` and below: one walk for the many files
+    of score's output folders, whose writes (durable=False) skip the per-file clean-up."""
+    for tmp in Path(folder).rglob(".*.tmp"):
+        _remove_if_stale(tmp)
+
+
+def atomic_write(path, write, durable=True):
+    """Call write(tmp_path), then rename onto `path`: readers see the old file or the
+    whole new one, never a partial one, whatever interrupts the write (SIGINT and SIGTERM
+    clean up here; what a SIGKILL leaves, the next durable write to `path` removes).
+    durable=False (score's many heat maps and maps) skips the fsync and that clean-up."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if durable:
+        remove_stale_temporaries(path)
+    # Same folder (rename is atomic only within a file system); created by write() itself
+    # so the file gets the usual permissions, not mkstemp's 0600.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        write(tmp)
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 # -----------------------------------------------------------------------------
 # Backbones: ResNet-18, Wide-ResNet-50-2 and MobileNetV2, defined here up to their taps
@@ -3315,6 +3507,11 @@ class DriftMonitor:
                 f"these images do not score like the held-out good images; if they are not mostly defects, "
                 f"find what changed on the line (lighting, camera, supplier) or fit again on its current good images")
 
+# =============================================================================
+# Tools: export, bench, heat maps, serving and the CLI, built on the core above.
+# Nothing above this line refers to anything below it (test_core_never_refers_to_the_tools).
+# =============================================================================
+
 # -----------------------------------------------------------------------------
 # Export: one ONNX graph per model, checked against the .pt before it is written
 #
@@ -3855,6 +4052,32 @@ def check_settings(models, settings):
                            f"{', '.join(k + '=' for k in keys)} (MODEL.KEY=VALUE targets one model)")
 
 
+class PeakMemory:
+    """Context manager measuring the peak resident memory (bytes) of the block.
+
+    Linux lets a process reset its high-water mark (write 5 to /proc/self/clear_refs),
+    which makes the peak of one block exact. Elsewhere the process-wide peak is used.
+    """
+
+    def __enter__(self):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = None
+        if self.exact:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak = int(line.split()[1]) * 1024
+        if self.peak is None:
+            scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def machine():
     """Where a benchmark runs: CPU model, ISA level, threads, torch version."""
     return {"cpu": cpu_info()[0], "isa": isa_level(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -3903,45 +4126,46 @@ def bench(data_dirs=None, models=("padim", "patchcore"), options=None, runtimes=
              f"other work is running, and the timings will be slower than this machine can do")
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     results = []
-    for root in data_dirs or synthetic_data():
-        dataset = read_dataset(root)
-        for model in models:
-            with PeakMemory() as fitting:
-                STAGE_SECONDS.clear()
-                start = time.perf_counter()
-                detector = fit(dataset.train, model, o, settings=model_settings(model, o.settings))
-                fit_seconds = time.perf_counter() - start
-                fit_stages = dict(STAGE_SECONDS)
-                STAGE_SECONDS.clear()
-            for runtime in runtimes:
-                with PeakMemory() as memory:
+    with stage_timing():
+        for root in data_dirs or synthetic_data():
+            dataset = read_dataset(root)
+            for model in models:
+                with PeakMemory() as fitting:
                     STAGE_SECONDS.clear()
-                    scorer, export_seconds = detector, None
-                    if runtime == "onnxruntime":
-                        start = time.perf_counter()
-                        scorer = OnnxModel(export(detector, batch_size=o.batch_size))
-                        export_seconds = time.perf_counter() - start
+                    start = time.perf_counter()
+                    detector = fit(dataset.train, model, o, settings=model_settings(model, o.settings))
+                    fit_seconds = time.perf_counter() - start
+                    fit_stages = dict(STAGE_SECONDS)
+                    STAGE_SECONDS.clear()
+                for runtime in runtimes:
+                    with PeakMemory() as memory:
                         STAGE_SECONDS.clear()
-                    metrics = evaluate(scorer, dataset, o.batch_size)
-                    score_stages = dict(STAGE_SECONDS)
-                score_seconds = metrics["score_ms_per_image"] * len(dataset.test) / 1000
-                results.append({"category": dataset.name, "model": model, "runtime": runtime,
-                                "backbone": getattr(detector.config, "backbone", "-"), "weights": str(o.weights),
-                                "image_size": o.image_size, "resize": o.resize, "tile": o.tile,
-                                "dtype": detector.precision,
-                                "train_images": min(len(dataset.train), o.max_train or len(dataset.train)),
-                                "test_images": len(dataset.test), **metrics,
-                                "fit_seconds": fit_seconds, "fit_stages": fit_stages, "export_seconds": export_seconds,
-                                "fit_detector_pct": _share(fit_stages, fit_seconds, "backbone", "features", "load"),
-                                "images_per_second": 1000 / metrics["score_ms_per_image"], "score_stages": score_stages,
-                                # one graph in ONNX Runtime: its feature extraction is not timed apart
-                                "score_detector_pct": _share(score_stages, score_seconds, "features", "load")
-                                if runtime == "torch" else None,
-                                "peak_mb": max(fitting.peak, memory.peak) / 2**20})
-                note(f"{dataset.name} {model} ({runtime}): image AUROC {metrics['image_auroc']:.4f}, pixel AUROC "
-                     f"{metrics['pixel_auroc']:.4f}; fit {fit_seconds:.1f}s (" +
-                     ", ".join(f"{k} {v:.1f}s" for k, v in sorted(fit_stages.items())) + "); score " +
-                     ", ".join(f"{k} {v:.1f}s" for k, v in sorted(score_stages.items())))
+                        scorer, export_seconds = detector, None
+                        if runtime == "onnxruntime":
+                            start = time.perf_counter()
+                            scorer = OnnxModel(export(detector, batch_size=o.batch_size))
+                            export_seconds = time.perf_counter() - start
+                            STAGE_SECONDS.clear()
+                        metrics = evaluate(scorer, dataset, o.batch_size)
+                        score_stages = dict(STAGE_SECONDS)
+                    score_seconds = metrics["score_ms_per_image"] * len(dataset.test) / 1000
+                    results.append({"category": dataset.name, "model": model, "runtime": runtime,
+                                    "backbone": getattr(detector.config, "backbone", "-"), "weights": str(o.weights),
+                                    "image_size": o.image_size, "resize": o.resize, "tile": o.tile,
+                                    "dtype": detector.precision,
+                                    "train_images": min(len(dataset.train), o.max_train or len(dataset.train)),
+                                    "test_images": len(dataset.test), **metrics,
+                                    "fit_seconds": fit_seconds, "fit_stages": fit_stages, "export_seconds": export_seconds,
+                                    "fit_detector_pct": _share(fit_stages, fit_seconds, "backbone", "features", "load"),
+                                    "images_per_second": 1000 / metrics["score_ms_per_image"], "score_stages": score_stages,
+                                    # one graph in ONNX Runtime: its feature extraction is not timed apart
+                                    "score_detector_pct": _share(score_stages, score_seconds, "features", "load")
+                                    if runtime == "torch" else None,
+                                    "peak_mb": max(fitting.peak, memory.peak) / 2**20})
+                    note(f"{dataset.name} {model} ({runtime}): image AUROC {metrics['image_auroc']:.4f}, pixel AUROC "
+                         f"{metrics['pixel_auroc']:.4f}; fit {fit_seconds:.1f}s (" +
+                         ", ".join(f"{k} {v:.1f}s" for k, v in sorted(fit_stages.items())) + "); score " +
+                         ", ".join(f"{k} {v:.1f}s" for k, v in sorted(score_stages.items())))
     # Others' CPU time while bench ran, not the load average after it, which counts bench's own threads.
     cpu_end, wall = cpu_seconds(), time.perf_counter() - wall_start
     where["others_cpu_share"] = None if cpu_start is None or cpu_end is None else \
@@ -5115,202 +5339,21 @@ class InspectionServer:
         self._watch(conn, selectors.EVENT_READ)
 
 # -----------------------------------------------------------------------------
-# Plumbing: progress bars, stage timers, prefetching, peak memory, atomic writes
+# CLI
 
 
-def progress(iterable, total=None, desc="", status=None):
-    """Yield from `iterable`, drawing a progress bar with time left on stderr; `status`,
-    a function, adds a live note such as the current loss.
-
-    On a terminal the bar redraws in place; elsewhere (logs, CI) a line is written every
-    30 s and one when the step ends, so captured stderr stays readable.
-    """
-    if not VERBOSE:
-        yield from iterable
-        return
-    total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
-    live = sys.stderr.isatty()
-    start = last = time.perf_counter()
-    i = 0
-
-    def line(now):
-        left = f"<{(now - start) / i * (total - i):.0f}s" if total and i else ""
-        count = f"{i}/{total}" if total else f"{i}"
-        return f"{desc}: {count} [{now - start:.0f}s{left}]" + (f" {status()}" if status else "")
-
-    for i, item in enumerate(iterable, 1):
-        yield item
-        now = time.perf_counter()
-        if live and (now - last > 0.2 or i == total):
-            last = now
-            sys.stderr.write(f"\r{line(now)}  ")
-            sys.stderr.flush()
-        elif not live and now - last > 30:
-            last = now
-            sys.stderr.write(line(now) + "\n")
-    now = time.perf_counter()
-    if live:
-        sys.stderr.write("\n")
-    elif now - start > 2:
-        sys.stderr.write(line(now) + "\n")
+class CliError(click.ClickException):
+    exit_code = 2
 
 
-STAGE_SECONDS = collections.defaultdict(float)  # wall seconds per stage since the last clear (bench)
-
-
-@contextlib.contextmanager
-def timed(stage, device=None):
-    """Add the block's wall time to STAGE_SECONDS[stage]. On CUDA the device is synchronized
-    at both ends, else queued kernels would be billed to whichever stage waits next."""
-    sync = device is not None and device.type == "cuda"
-    if sync:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        if sync:
-            torch.cuda.synchronize(device)
-        STAGE_SECONDS[stage] += time.perf_counter() - start
-
-
-def prefetch(iterable, depth=2):
-    """Yield from `iterable`, run `depth` items ahead in a background thread: the next
-    images are decoded while the current batch is computed (Pillow and torch release the
-    GIL while they work). Exceptions surface at the consumer, in order."""
-    items, stop, end = queue.Queue(depth), threading.Event(), object()
-
-    def put(item):
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work():
-        try:
-            for item in iterable:
-                if not put((item, None)):
-                    return
-            put((end, None))
-        except BaseException as e:  # handed to the consumer
-            put((end, e))
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            with timed("load"):
-                item, error = items.get()
-            if error is not None:
-                raise error
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
-
-
-class PeakMemory:
-    """Context manager measuring the peak resident memory (bytes) of the block.
-
-    Linux lets a process reset its high-water mark (write 5 to /proc/self/clear_refs),
-    which makes the peak of one block exact. Elsewhere the process-wide peak is used.
-    """
-
-    def __enter__(self):
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.exact = True
-        except OSError:
-            self.exact = False
-        return self
-
-    def __exit__(self, *exc):
-        self.peak = None
-        if self.exact:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak = int(line.split()[1]) * 1024
-        if self.peak is None:
-            scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def json_text(obj, **kwargs):
-    """JSON that strict parsers read: a float that is NaN or infinite (a metric undefined
-    on the data, such as pixel AUROC without masks) is written null, never NaN."""
-    def clean(o):
-        if isinstance(o, float):
-            return o if math.isfinite(o) else None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        return [clean(v) for v in o] if isinstance(o, (list, tuple)) else o
-    return json.dumps(clean(obj), allow_nan=False, **kwargs)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-TEMPORARY = re.compile(r"\.(.+)\.([0-9]{1,9})\.[0-9a-f]{8}\.tmp", re.ASCII | re.DOTALL)  # .NAME.PID.HEX.tmp
-
-
-def _remove_if_stale(tmp, name=None):
-    """Delete `tmp` if it is atomic_write()'s temporary (for a file called `name`, if
-    given) of a process that no longer runs (killed with SIGKILL, or by a power cut,
-    before it could clean up); a running writer's is kept."""
-    match = TEMPORARY.fullmatch(tmp.name)
-    try:
-        if match and name in (None, match[1]) and tmp.is_file() and not tmp.is_symlink() and not _alive(int(match[2])):
-            tmp.unlink()
-    except OSError:  # best effort: a file we cannot remove is left, never an error
-        pass
-
-
-def remove_stale_temporaries(path):
-    """Delete the stale temporaries that atomic_write() left for `path`."""
-    path = Path(path)
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        _remove_if_stale(tmp, path.name)
-
-
-def remove_stale_temporaries_in(folder):
-    """Delete every stale temporary in `folder` and below: one walk for the many files
-    of score's output folders, whose writes (durable=False) skip the per-file clean-up."""
-    for tmp in Path(folder).rglob(".*.tmp"):
-        _remove_if_stale(tmp)
-
-
-def atomic_write(path, write, durable=True):
-    """Call write(tmp_path), then rename onto `path`: readers see the old file or the
-    whole new one, never a partial one, whatever interrupts the write (SIGINT and SIGTERM
-    clean up here; what a SIGKILL leaves, the next durable write to `path` removes).
-    durable=False (score's many heat maps and maps) skips the fsync and that clean-up."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if durable:
-        remove_stale_temporaries(path)
-    # Same folder (rename is atomic only within a file system); created by write() itself
-    # so the file gets the usual permissions, not mkstemp's 0600.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    try:
-        write(tmp)
-        if durable:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class FiniteRange(click.FloatRange):
+    """A float option in a range that also refuses nan and inf (click's FloatRange lets
+    nan through: every comparison with it is False)."""
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 
 
 @contextlib.contextmanager
@@ -5345,23 +5388,6 @@ def model_lock(path):
             return
         os.close(fd)
     raise VadError(f"{path} keeps being replaced while vad tries to lock it; try again")
-
-# -----------------------------------------------------------------------------
-# CLI
-
-
-class CliError(click.ClickException):
-    exit_code = 2
-
-
-class FiniteRange(click.FloatRange):
-    """A float option in a range that also refuses nan and inf (click's FloatRange lets
-    nan through: every comparison with it is False)."""
-    def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
-        if not math.isfinite(value):
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return value
 
 
 def run_api(fn, *args, **kwargs):
