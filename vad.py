@@ -2201,6 +2201,19 @@ def _typed(value, default):
     return isinstance(value, type(default))
 
 
+def check_info(info):
+    """Raise ValueError unless a model file's info (a .pt's, or an .onnx's metadata) is
+    flat and small, its numbers finite and in range: nested containers could share
+    references without end, and every reader of it (update, info) trusts its values."""
+    if not (isinstance(info, dict) and len(info) <= 64 and all(
+            isinstance(k, str) and len(k) <= 256 and (v is None or type(v) is bool
+                                                      or (type(v) is int and 0 <= v <= MAX_SEED)
+                                                      or (type(v) is float and math.isfinite(v))
+                                                      or (isinstance(v, str) and len(v) <= 4096))
+            for k, v in info.items())):
+        raise ValueError("its info is not a small flat dictionary of strings and numbers in range")
+
+
 def check_header(checkpoint):
     """Raise ValueError unless every header field of a model file has its type and range."""
     if set(checkpoint) != MODEL_KEYS:
@@ -2229,14 +2242,7 @@ def check_header(checkpoint):
                                            for v in norm.values())) \
             or norm != {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}:
         raise ValueError("its input normalization is not the ImageNet one vad applies")
-    info = checkpoint["info"]  # flat and small: nested containers could share references without end
-    if not (isinstance(info, dict) and len(info) <= 64 and all(
-            isinstance(k, str) and len(k) <= 256 and (v is None or type(v) is bool
-                                                      or (type(v) is int and 0 <= v <= MAX_SEED)
-                                                      or (type(v) is float and math.isfinite(v))
-                                                      or (isinstance(v, str) and len(v) <= 4096))
-            for k, v in info.items())):
-        raise ValueError("its info is not a small flat dictionary of strings and numbers in range")
+    check_info(checkpoint["info"])
     if not isinstance(checkpoint["state_dict"], dict) or not isinstance(checkpoint["sha256"], str):
         raise ValueError("its tensors or checksum are missing")
 
@@ -3891,10 +3897,7 @@ class OnnxModel:
         if not (isinstance(rule, str) and re.fullmatch(r"max|topk:[1-9][0-9]{0,8}", rule)
                 and (rule == "max" or int(rule[5:]) <= size[0] * size[1])):
             raise ValueError(f"image_score {rule!r} is not max or topk:K with K at most the map's pixels")
-        if not (isinstance(meta["info"], dict) and len(meta["info"]) <= 64
-                and all(isinstance(k, str) and type(v) in (int, float, bool, str, type(None))
-                        for k, v in meta["info"].items())):
-            raise ValueError("its info is not a small flat dictionary")
+        check_info(meta["info"])
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         H, W = size
         if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(float)" \
