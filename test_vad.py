@@ -2496,11 +2496,11 @@ def test_contract_heat_maps_are_bounded_and_failed_writes_keep_old_files(model_f
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "h" / "wide.png.png").size == (2048, 41)  # drawn at most 2048 px wide
     assert np.load(tmp_path / "m" / "wide.png.npy").shape == (60, 3000)  # maps keep the image's size
-    (tmp_path / "h" / "wide.png.png").write_bytes(b"an older heat map")
+    older = (tmp_path / "h" / "wide.png.png").read_bytes()  # an older heat map (vad's: others are never replaced)
     monkeypatch.setattr(vad, "heatmap_png", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     r = cli("score", model_file, wide, "--heatmaps", tmp_path / "h", "-q")
     assert r.exit_code == 3 and "No space left" in r.stderr
-    assert (tmp_path / "h" / "wide.png.png").read_bytes() == b"an older heat map"  # untouched, not deleted
+    assert (tmp_path / "h" / "wide.png.png").read_bytes() == older  # untouched, not deleted
     assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["wide.png.png"]  # no temporary left
     # an extreme crop leaves less than a pixel of the image inspected: a map still comes back
     m = vad.map_to_source(np.ones((64, 64), np.float32), (1, 200_000), vad.Framing((64, 64), "crop"))
@@ -2658,7 +2658,7 @@ def test_contract_outputs_never_overwrite_inputs_or_files_vad_did_not_write(mode
         save_png(np.asarray(Image.open(p)), good / p.name)
     before = (good / data.test[0].name).read_bytes()
     r = cli("calibrate", model_file, "--good", good, "--out", good / data.test[0].name, "-q")
-    assert r.exit_code == 2 and "input images" in r.stderr and (good / data.test[0].name).read_bytes() == before
+    assert r.exit_code == 2 and "inputs" in r.stderr and (good / data.test[0].name).read_bytes() == before
     # a.png's mask and the heat map of an input named a.png.mask land on the same name
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(before)
@@ -2824,6 +2824,79 @@ def test_contract_info_prints_a_crafted_history_safely(model_file, tmp_path):
         assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", r.stdout)  # no escape sequence, no injected line
         if i == 0:
             assert "\\x1b[2J" in r.stdout and "a\\x0ab" in r.stdout
+
+
+def test_contract_fresh_hostile_pass_findings(model_file, fitted, dataset, tmp_path):
+    """What a second hostile pass found after the first fixes (issue 24): each refused in
+    one line with nothing lost."""
+    data = vad.read_dataset(dataset)
+    image = data.test[0]
+    # --force never replaces an input: here the --weights file
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "w.pth")
+    before = (tmp_path / "w.pth").read_bytes()
+    r = cli("fit", "--model", "padim", "--data", dataset, "--backbone", "resnet18", "--weights", tmp_path / "w.pth",
+            "--image-size", SIZE, "-s", "d=20", "--out", tmp_path / "w.pth", "--force", "-q")
+    assert r.exit_code == 2 and "input" in r.stderr and (tmp_path / "w.pth").read_bytes() == before, r.output
+    # a heat map or map never lands on the model file being scored, nor on a file vad did not write
+    out = tmp_path / "o"
+    out.mkdir()
+    trap = out / f"{image.name}.png"
+    trap.write_bytes(model_file.read_bytes())
+    r = cli("score", trap, image, "--heatmaps", out, "-q")
+    assert r.exit_code == 2 and "model file" in r.stderr and trap.read_bytes() == model_file.read_bytes()
+    trap.write_text("precious")
+    r = cli("score", model_file, image, "--heatmaps", out, "-q")
+    assert r.exit_code == 2 and "not a heat map" in r.stderr and trap.read_text() == "precious"
+    trap.unlink()
+    for _ in range(2):  # vad's own outputs are replaced on a rerun
+        assert cli("score", model_file, image, "--heatmaps", out, "--maps", out / "m", "-q").exit_code == 0
+    r = cli("score", model_file, image, "--heatmaps", tmp_path / "w.pth", "-q")  # a file, not a folder
+    assert r.exit_code == 2 and "is a file" in r.stderr
+    # an --out that another command is changing is locked as its MODEL_FILE is
+    target = tmp_path / "held.pt"
+    target.write_bytes(model_file.read_bytes())
+    holder = os.open(target, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    good = copy_images(data.train[:3], tmp_path / "good")
+    try:
+        for args in (["calibrate", model_file, "--good", good, "--out", target],
+                     ["fit", "--model", "padim", "--data", dataset, "--out", target, "-s", "d=20", *TINY]):
+            r = cli(*args)
+            assert r.exit_code == 2 and "being changed" in r.stderr and target.read_bytes() == model_file.read_bytes()
+    finally:
+        os.close(holder)
+    # fit and calibrate write .pt files: a .onnx name is for exports
+    r = cli("fit", "--model", "padim", "--data", dataset, "--out", tmp_path / "x.onnx", "-s", "d=20", *TINY)
+    assert r.exit_code == 2 and ".onnx" in r.stderr and not (tmp_path / "x.onnx").exists()
+    # calibrate: a rate too small to mean anything; a tail with no spread says so
+    for frr in ("5e-324", "1e-300"):
+        r = cli("calibrate", model_file, "--good", good, "--target-frr", frr, "-q")
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and len(r.stderr) < 300, r.output
+    one = copy_images(data.train[:1], tmp_path / "one")
+    r = cli("calibrate", model_file, "--good", one, "--out", tmp_path / "one.pt", "-q")
+    assert r.exit_code == 0 and "no spread" in r.stderr, r.output
+    # a crafted top-level threshold; a name with a right-to-left override and ESC in an error line
+    r = cli("score", crafted(model_file, tmp_path, "t.pt", lambda c: c.update(threshold=float("nan"))), image)
+    assert r.exit_code == 2 and "threshold" in r.stderr
+    odd = tmp_path / "a\u202e\x1b[2Jb"
+    r = cli("fit", "--data", odd, "-q")
+    assert r.exit_code == 2 and "\x1b" not in r.stderr and "\u202e" not in r.stderr and "\\x1b" in r.stderr
+    # score: the summary when nothing could be scored
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    r = subprocess.run([sys.executable, vad.__file__, "score", model_file, tmp_path / "bad.png"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 3 and "no image was scored" in r.stderr
+
+
+def test_contract_bench_on_defects_without_masks_has_no_pixel_metrics(tmp_path):
+    root = tmp_path / "bb"
+    make_dataset(root, n_train=8, n_good=0, n_bad=3)
+    for mask in (root / "ground_truth").rglob("*.png"):
+        mask.unlink()
+    r = cli("bench", "--model", "padim", "--data", root, "--json", tmp_path / "b.json", "-s", "d=20", *TINY)
+    assert r.exit_code == 0, r.output
+    row = strict_json((tmp_path / "b.json").read_text())[0]
+    assert row["pixel_auroc"] is None and row["image_auroc"] is None  # one class only: undefined, never NaN
 
 
 def test_contract_smaller_rows_of_the_third_hostile_pass(model_file, dataset, tmp_path, monkeypatch):

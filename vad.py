@@ -125,7 +125,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 __version__ = "0.1.0"
 FORMAT_NAME = "vad-model"
@@ -2243,6 +2243,8 @@ def check_header(checkpoint):
             or norm != {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}:
         raise ValueError("its input normalization is not the ImageNet one vad applies")
     check_info(checkpoint["info"])
+    if type(checkpoint["threshold"]) is not float or not math.isfinite(checkpoint["threshold"]):
+        raise ValueError("its threshold is not a finite number")
     if not isinstance(checkpoint["state_dict"], dict) or not isinstance(checkpoint["sha256"], str):
         raise ValueError("its tensors or checksum are missing")
 
@@ -2816,6 +2818,7 @@ def threshold_from(scores):
 
 
 CONFIDENCE = 0.95  # of the upper bound stated with every false-reject rate (issue 21)
+MIN_FRR = 1e-6  # the smallest target rate calibrate takes: stating it already takes 3 million good images
 HELD_OUT_RULE = "held-out: max + 10% of (max - median)"  # threshold_from, as info and `info` name it
 
 
@@ -3333,7 +3336,10 @@ def confusion(good, bad, threshold):
 
 
 def _stack_padded(maps, fill):
-    """Arrays of possibly different (H, W) -> one (N, H_max, W_max) array, padded with fill."""
+    """Arrays of possibly different (H, W) -> one (N, H_max, W_max) array, padded with fill
+    ((0, 0, 0) for none: a test set of unmasked defects only has no pixel metrics)."""
+    if not maps:
+        return np.full((0, 0, 0), fill)
     H, W = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
     out = np.full((len(maps), H, W), fill, dtype=maps[0].dtype)
     for i, m in enumerate(maps):
@@ -3495,6 +3501,8 @@ class DriftMonitor:
     def summary(self):
         """The line that ends `score`: counts, then the drift check or why there is none."""
         counts = f"scored {self.scored}, anomalous {self.anomalous}, errors {self.errors}"
+        if not self.in_window:
+            return f"{counts}; drift not checked: no image was scored"
         if self.reference is None:
             return (f"{counts}; drift not checked: the model holds no held-out scores (an export keeps only its "
                     f"thresholds; score the .pt)")
@@ -4244,10 +4252,27 @@ def heatmap_png(detector, source, anomaly_map, outline="pixel_threshold"):
     return _png(Image.fromarray(rgb))
 
 
+PNG_MARK = b"tEXtSoftware\x00vad"  # in every PNG vad writes, so that a rerun knows its own outputs
+
+
 def _png(image):
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Software", "vad")
+    image.save(buffer, format="PNG", pnginfo=text)
     return buffer.getvalue()
+
+
+def is_vad_output(path):
+    """Whether an existing file at one of score's output names is one vad wrote there: a
+    PNG marked by _png (heat maps, masks), or a .npy (maps). Others are never replaced."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x93NUMPY") if Path(path).suffix == ".npy" else \
+        head.startswith(b"\x89PNG\r\n\x1a\n") and PNG_MARK in head
 
 
 def region_level(anomaly_map, anomalous, pixel_threshold, low):
@@ -5346,7 +5371,19 @@ class InspectionServer:
 
 
 class CliError(click.ClickException):
+    """A one-line error, exit 2; control and format characters of the message (a crafted
+    name or file's strings) shown as \\xHH, so that none reaches the terminal raw."""
     exit_code = 2
+
+    def __init__(self, message):
+        super().__init__(printable(message))
+
+
+def printable(text):
+    """text with every control, format or unassigned character (ESC, BEL, NUL, a
+    right-to-left override) written \\xHH or \\uHHHH."""
+    return "".join(c if c.isprintable() or c == " " else
+                   (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}") for c in text)
 
 
 class FiniteRange(click.FloatRange):
@@ -5357,6 +5394,17 @@ class FiniteRange(click.FloatRange):
         if not math.isfinite(value):
             self.fail(f"{value} is not a finite number", param, ctx)
         return value
+
+
+def lock_models(*paths):
+    """model_lock on each model file that this command reads or replaces, until the
+    command ends: two commands never change one file at once, whether it is one's
+    MODEL_FILE and the other's --out, or both's."""
+    ctx, held = click.get_current_context(), set()
+    for path in paths:
+        if path.resolve() not in held:
+            held.add(path.resolve())
+            run_api(ctx.with_resource, model_lock(path))
 
 
 @contextlib.contextmanager
@@ -5377,7 +5425,7 @@ def model_lock(path):
             now, held = os.stat(path), os.fstat(fd)
         except BlockingIOError:
             os.close(fd)
-            raise VadError(f"{path} is being changed by another vad command (fit --update or calibrate); "
+            raise VadError(f"{path} is being changed by another vad command (fit, fit --update or calibrate); "
                            f"run this one when it has finished") from None
         except OSError:  # gone since it was opened: load() says so
             os.close(fd)
@@ -5547,9 +5595,11 @@ def fit_command(model, data, out, force, update_file, quiet, **options):
             raise CliError(f"--update keeps the model's own settings: drop {', '.join(given)}")
         if data is None:
             raise CliError("--update needs --data, the new normal images")
+        if update_file.suffix.lower() == ".onnx":
+            raise CliError(f"{update_file} is an exported model: update the .pt it came from, then export it again")
         out = out or update_file
         check_model_out(out, [data], force)
-        run_api(ctx.with_resource, model_lock(update_file))  # until the command ends
+        lock_models(update_file, out)
         detector = run_api(load, update_file, options["device"])
         run_api(update, detector, data, options["batch_size"])
         run_api(save, detector, out)
@@ -5561,7 +5611,9 @@ def fit_command(model, data, out, force, update_file, quiet, **options):
         data = synthetic_data()[0]
         note(f"no --data: using the embedded synthetic set {data} (a smoke test, not a benchmark)")
     out = out or Path(f"{Path(data).resolve().name}-{model}.pt")
-    check_model_out(out, [data], force)
+    weights = [Path(options["weights"])] if options["weights"] not in ("imagenet", "none") else []
+    check_model_out(out, [data, *weights], force)
+    lock_models(out)
     start = time.perf_counter()
     detector = run_api(fit, data, model, RunOptions(**options))
     run_api(save, detector, out, detector.info)
@@ -5606,15 +5658,19 @@ def check_output(path, option, ours, kind, reads=(), force=None):
         if target == item.resolve() or item.is_dir() and (
                 (is_image(path) and target.is_relative_to(item.resolve()))
                 or any(p.resolve() == target for p in item.rglob("*") if is_image(p))):
-            raise CliError(f"{option} {path} is one of the input images in {item} (training images, or images to "
-                           f"check or score); write it elsewhere")
+            raise CliError(f"{option} {path} is one of this command's inputs, in {item} (training images, weights, "
+                           f"images to check or score); write it elsewhere")
     if not force and not ours(path):
         raise CliError(f"{option} {path} exists and is not {kind}; choose another name"
                        + (", or add --force to replace it" if force is False else ""))
 
 
-def check_model_out(out, reads, force):
-    """check_output for a model file (.pt or its .onnx export)."""
+def check_model_out(out, reads, force, suffix=".pt"):
+    """check_output for a model file: a .pt (fit, calibrate), or its .onnx export."""
+    if (out.suffix.lower() == ".onnx") != (suffix == ".onnx"):
+        raise CliError(f"--out {out}: " + ("give a file name ending in .onnx (score and serve tell models apart by "
+                                           "it)" if suffix == ".onnx" else "a .onnx name is for exports (vad.py "
+                                                                           "export); give the model a .pt name"))
     check_output(out, "--out", lambda p: is_vad_model(p) or is_vad_export(p), "a vad model file", reads, force)
 
 
@@ -5770,6 +5826,9 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
         note(f"--shard {shard}: {len(paths)} of {total} images")
         if not paths:
             return
+    for option, directory in (("--heatmaps", heatmaps), ("--maps", maps), ("--masks", masks)):
+        if directory and (directory.exists() or directory.is_symlink()) and not directory.is_dir():
+            raise CliError(f"{option} {directory} is a file; give a folder")
     outputs = {option: output_paths(paths, folders, directory, option, suffix)
                for option, directory, suffix in (("heatmaps", heatmaps, ".png"), ("maps", maps, ".npy"),
                                                  ("masks", masks, ".mask.png")) if directory}
@@ -5778,6 +5837,15 @@ def score_command(model_file, inputs, as_json, heatmaps, maps, masks, threshold,
     if clash:
         raise CliError(f"two outputs would be written to {clash[0]} (an input's heat map, map or mask has another's "
                        f"name); give --heatmaps, --maps and --masks folders of their own")
+    if model_file.resolve() in landing:
+        raise CliError(f"an output would be written over the model file {model_file}; choose another folder")
+    for paths_of in outputs.values():  # the one rule (check_output): replace only what vad wrote there
+        # (a folder at an output's name is no file to lose: writing there fails, and is reported)
+        odd = next((p for p in paths_of.values() if (p.is_file() or p.is_symlink() and not p.exists())
+                    and not is_vad_output(p)), None)
+        if odd:
+            raise CliError(f"{odd} exists and is not a heat map, map or mask vad wrote; choose another folder, "
+                           f"or move it away")
     for directory in (heatmaps, maps, masks):
         if directory and directory.is_dir():
             remove_stale_temporaries_in(directory)
@@ -5865,7 +5933,7 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
     out = out or model_file
     if out != model_file:
         check_model_out(out, [*good_dirs, *bad_dirs], None)
-    run_api(click.get_current_context().with_resource, model_lock(model_file))  # until the command ends
+    lock_models(model_file, out)
     detector = run_api(load, model_file, device, precision)
 
     def scores(items, what):
@@ -5877,6 +5945,9 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
     bad = scores(bad_dirs, "bad") if bad_dirs else np.array([])
     before = float(detector.threshold)
     target = 0.01 if target_frr is None else target_frr
+    if 0 < target < MIN_FRR:
+        raise CliError(f"--target-frr {target:g}: give 0 (reject none of the good images) or a rate of at least "
+                       f"{MIN_FRR:g}; lower rates cannot be told apart on any line's good images")
     if max_f1:
         after, rule = threshold_for_f1(good, bad), f"max-f1 on {len(good)} good and {len(bad)} bad images"
     elif target == 0 or len(good) >= images_needed(target):  # 0: reject none of these, as asked
@@ -5889,6 +5960,10 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
              f"scores above their median")
         after = tail_threshold(good, target)
         rule = f"target-frr {target}: exponential tail over the median of {len(good)} good images"
+        if after == good.max():
+            warn(f"the good scores have no spread above their median to fit a tail to ({len(good)} image(s)): the "
+                 f"threshold is the highest good score, {after:.6g}, and states no rate; give more, and more "
+                 f"varied, good images")
     for label, t in (("before", before), ("after", after)):
         c = confusion(good, bad, t)
         click.echo(f"{label}: threshold {t:.6g}: good {c['good_ok']} ok, {c['good_rejected']} rejected"
@@ -5999,8 +6074,8 @@ def info_command(model_file, as_json):
         lines.append(f"exported from: the .pt with sha256 {card['source_sha256']}")
     elif card["sha256"]:
         lines.append(f"sha256: {card['sha256']}")
-    # Control characters (a crafted file's strings) shown as \xHH: no escape sequence reaches the terminal.
-    click.echo("\n".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", line) for line in lines))
+    # A crafted file's strings: no escape sequence reaches the terminal.
+    click.echo("\n".join(printable(line) for line in lines))
 
 
 @cli.command("export", short_help="Export a model to one ONNX file that runs without torch.")
@@ -6029,9 +6104,7 @@ def export_command(model_file, out, force, check_images, batch_size, quiet):
     if model_file.suffix.lower() == ".onnx":
         raise CliError(f"{model_file} is already an exported model; export the .pt it came from")
     out = out or model_file.with_suffix(".onnx")
-    if out.suffix.lower() != ".onnx":
-        raise CliError(f"--out {out}: give a file name ending in .onnx (score and serve tell models apart by it)")
-    check_model_out(out, check_images, force)
+    check_model_out(out, check_images, force, ".onnx")
     for module in ("onnx", "onnxruntime"):  # before a long load
         run_api(optional_import, module)
     images = []
