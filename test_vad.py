@@ -694,14 +694,17 @@ def test_patchcore_coreset_ratio_sets_bank_size(dataset):
     assert len(det.memory_bank) == 4 * 8 * 8 // 4  # 4 images of an 8x8 layer-2 grid, 25%
 
 
-def test_patchcore_bank_budget_gives_a_union_of_coresets(dataset, monkeypatch):
-    """Over the byte budget the bank is thinned part by part: each part's coreset is
-    exactly the greedy coreset of those patches (checked against greedy_coreset)."""
+@pytest.mark.parametrize("budget", ["BANK_BYTES", "PART_ROWS"])
+def test_patchcore_bank_budget_gives_a_union_of_coresets(budget, dataset, monkeypatch):
+    """Over the byte budget, or over PART_ROWS patches (fit linear in the images, issue
+    22), the bank is thinned part by part: each part's coreset is exactly the greedy
+    coreset of those patches (checked against greedy_coreset)."""
     paths = vad.read_dataset(dataset).train[:6]
     det = vad.PatchCore(vad.PatchCoreConfig(backbone="resnet18", coreset_ratio=0.1), input_size=SIZE, weights="none")
     batches = list(vad.load_images(paths, SIZE, batch_size=1))
     patches = [det.embed(b).permute(0, 2, 3, 1).flatten(0, 2) for b in batches]
-    monkeypatch.setattr(vad, "BANK_BYTES", patches[0].numel() * 4 * 2 - 1)  # thin after every 2 batches
+    per_batch = patches[0].numel() * 4 if budget == "BANK_BYTES" else len(patches[0])
+    monkeypatch.setattr(vad, budget, per_batch * 2 - 1)  # thin after every 2 batches
     det.fit(batches)
     expected = [p[vad.greedy_coreset(p, math.ceil(0.1 * len(p)), 128, seed)]
                 for seed, p in enumerate([torch.cat(patches[0:2]), torch.cat(patches[2:4]), torch.cat(patches[4:6])])]

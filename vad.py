@@ -137,6 +137,10 @@ DEFAULT_IMAGE_SIZE = 256  # both papers resize MVTec AD to 256 (PatchCore then c
 BLUR_SIGMA = 4.0  # PaDiM sec. 3 and PatchCore sec. 3.3 smooth the upsampled map with sigma = 4
 CHUNK_BYTES = 256 * 2**20  # working memory for one block of a distance matrix
 BANK_BYTES = 2 * 2**30  # raw PatchCore patch features held before they are thinned (a WRN50 bottle bank is 1.2 GB)
+# ... and at most this many patches: the greedy coreset of n patches costs n * ratio * n, so
+# parts of bounded size make fit linear in the images (256 images of 1,024 patches at 256 px:
+# MVTec's and KolektorSDD's training sets are one part, as before).
+PART_ROWS = 2**18
 BATCH_SIZE = 16
 TILE_OVERLAP = 0.25  # fraction by which neighbouring tiles overlap
 HOLDOUT = 0.1  # fraction of the normal training images kept out to calibrate the threshold
@@ -1633,7 +1637,7 @@ class PatchCore(Detector):
         # The new patches are thinned in parts of their own, seeded as fit would seed its
         # next parts, and join the bank: the fit on all the images whenever that fit would
         # have closed a part where the old images end (always at coreset_ratio=1). Else it
-        # is still a union of coresets of parts, as a fit over BANK_BYTES makes.
+        # is still a union of coresets of parts, as a fit over PART_ROWS or BANK_BYTES makes.
         old = torch.empty_like(self.memory_bank)
         old[self.bank_order] = self.memory_bank
         old += self.bank_origin  # the rows fit picked, to fp32 rounding (the bank is stored centred)
@@ -1643,19 +1647,20 @@ class PatchCore(Detector):
     def thin(self, batches, seed, parts=0):
         """The coreset rows of the batches' patches (n, C), and the count of parts
         thinned, `parts` of them before these."""
-        # Patches pile up until BANK_BYTES, are thinned to coreset_ratio, and the next
-        # ones pile up afresh: the bank is then a union of coresets of consecutive parts,
-        # which k-center coresets allow (Indyk et al., "Composable core-sets", PODS
-        # 2014), and memory stays bounded however many tiles or images there are. Under
-        # the budget (bottle at 256 px, even with WRN50) it is one coreset of everything.
-        thinned, raw, size = [], [], 0
+        # Patches pile up until PART_ROWS or BANK_BYTES, are thinned to coreset_ratio, and
+        # the next ones pile up afresh: the bank is then a union of coresets of consecutive
+        # parts, which k-center coresets allow (Indyk et al., "Composable core-sets", PODS
+        # 2014), fit time grows linearly with the images and memory stays bounded however
+        # many there are. Under both (bottle and KolektorSDD at 256 px, even with WRN50) it
+        # is one coreset of everything.
+        thinned, raw, size, rows = [], [], 0, 0
         for images in batches:
             x = self.embed(images.to(self.device)).permute(0, 2, 3, 1).flatten(0, 2)  # (B*h*w, C)
             raw.append(x)
-            size += x.numel() * x.element_size()
-            if size > BANK_BYTES and self.config.coreset_ratio < 1:
+            size, rows = size + x.numel() * x.element_size(), rows + len(x)
+            if (size > BANK_BYTES or rows > PART_ROWS) and self.config.coreset_ratio < 1:
                 thinned.append(self.coreset(raw, seed + parts + len(thinned)))
-                raw, size = [], 0
+                raw, size, rows = [], 0, 0
         if raw:
             thinned.append(self.coreset(raw, seed + parts + len(thinned)))
         return torch.cat(thinned), parts + len(thinned)
