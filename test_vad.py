@@ -2711,6 +2711,9 @@ def test_contract_calibrate_refuses_non_finite_targets_and_thresholds(model_file
     for p in vad.read_dataset(dataset).test[:4]:
         save_png(np.asarray(Image.open(p)), good / p.name)
     before = model_file.read_bytes()
+    for option in ("--threshold", "--pixel-threshold"):  # score's own: a usage error, never a NaN comparison
+        r = cli("score", model_file, *sorted(good.iterdir())[:1], option, "nan", "-q")
+        assert r.exit_code == 2 and "finite" in r.stderr and not r.stdout, (option, r.output)
     for frr in ("nan", "inf"):
         r = cli("calibrate", model_file, "--good", good, "--target-frr", frr, "-q")
         assert r.exit_code == 2 and "Traceback" not in r.output and ("finite" in r.stderr or "range" in r.stderr)

@@ -4171,9 +4171,11 @@ def bench(data_dirs=None, models=("padim", "patchcore"), options=None, runtimes=
                                     "dtype": detector.precision,
                                     "train_images": min(len(dataset.train), o.max_train or len(dataset.train)),
                                     "test_images": len(dataset.test), **metrics,
-                                    "fit_seconds": fit_seconds, "fit_stages": fit_stages, "export_seconds": export_seconds,
+                                    "fit_seconds": fit_seconds, "fit_stages": fit_stages,
+                                    "export_seconds": export_seconds,
                                     "fit_detector_pct": _share(fit_stages, fit_seconds, "backbone", "features", "load"),
-                                    "images_per_second": 1000 / metrics["score_ms_per_image"], "score_stages": score_stages,
+                                    "images_per_second": 1000 / metrics["score_ms_per_image"],
+                                    "score_stages": score_stages,
                                     # one graph in ONNX Runtime: its feature extraction is not timed apart
                                     "score_detector_pct": _share(score_stages, score_seconds, "features", "load")
                                     if runtime == "torch" else None,
@@ -5775,9 +5777,9 @@ def npy_bytes(array):
               "(float32, the image's own size, NaN where not inspected).")
 @click.option("--masks", type=click.Path(path_type=Path), help="Write each binary defect mask (map above the pixel "
               "threshold: 255, else 0) here, as <name>.<ext>.mask.png at the image's own size.")
-@click.option("--threshold", type=FiniteRange(), help="Judge with this image threshold instead of the model's, for this run "
-              "(vad.py calibrate changes the model's).")
-@click.option("--pixel-threshold", type=float, help="Outline every image's map above this value, whatever its "
+@click.option("--threshold", type=FiniteRange(), help="Judge with this image threshold instead of the model's, "
+              "for this run (vad.py calibrate changes the model's).")
+@click.option("--pixel-threshold", type=FiniteRange(), help="Outline every image's map above this value, whatever its "
               "verdict [default: the verdict decides (README: Thresholds and defect regions)].")
 @click.option("--null", "-0", "null", is_flag=True, help="Paths on stdin ('-') are NUL-separated (find -print0).")
 @click.option("--fail-on-anomaly", is_flag=True, help="Exit 1 when any image is judged anomalous.")
