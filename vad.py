@@ -5969,8 +5969,8 @@ def calibrate_command(model_file, good_dirs, bad_dirs, target_frr, max_f1, out, 
         rule = f"target-frr {target}: exponential tail over the median of {len(good)} good images"
         if after == good.max():
             warn(f"the good scores have no spread above their median to fit a tail to ({len(good)} image(s)): the "
-                 f"threshold is the highest good score, {after:.6g}, and states no rate; give more, and more "
-                 f"varied, good images")
+                 f"threshold is the highest good score, {after:.6g}, and its bound below shows how little that "
+                 f"tells; give more, and more varied, good images")
     for label, t in (("before", before), ("after", after)):
         c = confusion(good, bad, t)
         click.echo(f"{label}: threshold {t:.6g}: good {c['good_ok']} ok, {c['good_rejected']} rejected"
